@@ -1,0 +1,1 @@
+"""crcm: real-time autoregressive video diffusion."""

@@ -1,0 +1,1 @@
+"""Triton kernels of crcm (installed as ``crcm.kernels``)."""
