@@ -17,10 +17,10 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
-    "Rect",
     "Mask",
-    "full_mask",
+    "Rect",
     "block_causal_mask",
+    "full_mask",
     "teacher_forcing_mask",
 ]
 
@@ -77,7 +77,9 @@ def _check_frames(num_frames: int, chunk_frames: int, tokens_per_frame: int) -> 
             f"{num_frames}, {chunk_frames}, {tokens_per_frame}"
         )
     if num_frames % chunk_frames:
-        raise ValueError(f"num_frames={num_frames} is not a multiple of chunk_frames={chunk_frames}")
+        raise ValueError(
+            f"num_frames={num_frames} is not a multiple of chunk_frames={chunk_frames}"
+        )
     return num_frames // chunk_frames
 
 
