@@ -182,6 +182,8 @@ struct Stream {
     chunk: u64,
     in_flight: Option<u64>,
     closing: bool,
+    /// Set by the consumer (e.g. its frame buffer is full): no new chunk starts.
+    paused: bool,
     actions: VecDeque<i64>,
     chunk_actions: Vec<i64>,
     ready_since: Option<f64>,
@@ -207,7 +209,7 @@ impl Stream {
         let frames = u64::from(self.config.chunk_frames);
         let within_budget = self.config.max_frames.is_none_or(|max| self.frame_start() < max);
         let has_actions = !self.config.needs_actions || self.actions.len() as u64 >= frames;
-        within_budget && has_actions
+        within_budget && has_actions && !self.paused
     }
 }
 
@@ -371,6 +373,7 @@ impl Scheduler {
                 chunk,
                 in_flight: None,
                 closing: false,
+                paused: false,
                 actions: VecDeque::new(),
                 chunk_actions: Vec::new(),
                 ready_since: None,
@@ -414,6 +417,13 @@ impl Scheduler {
             return Err(invalid(id, "take actions", stream.phase));
         }
         stream.actions.extend(actions.iter().copied());
+        Ok(())
+    }
+
+    /// Pauses or resumes a stream. A paused stream finishes the chunk it is in but starts no
+    /// new one: backpressure from a consumer that cannot take more frames.
+    pub fn set_paused(&mut self, id: StreamId, paused: bool) -> Result<()> {
+        self.live_mut(id)?.paused = paused;
         Ok(())
     }
 

@@ -251,6 +251,11 @@ impl Scheduler {
         self.lock().push_actions(stream_id, &actions).py_err(py)
     }
 
+    /// A paused stream finishes its current chunk but starts no new one (backpressure).
+    fn set_paused(&self, py: Python<'_>, stream_id: u64, paused: bool) -> PyResult<()> {
+        self.lock().set_paused(stream_id, paused).py_err(py)
+    }
+
     fn close(&self, py: Python<'_>, stream_id: u64) -> PyResult<()> {
         self.lock().close(stream_id).py_err(py)
     }
