@@ -1,1 +1,26 @@
-"""Triton kernels of crcm (installed as ``crcm.kernels``)."""
+"""Triton kernels of crcm (installed as ``crcm.kernels``), each beside its torch reference.
+
+- :func:`paged_attention`: queries of many streams' chunks over their paged KV cache plus their
+  own chunk (the streaming runtime, design §3). Oracle: :func:`paged_attention_reference`.
+- :func:`attention_jvp`: masked attention and its forward-mode derivative (TF-sCM, design §1.5).
+  Oracle: :func:`attention_jvp_reference`.
+
+Backend choice, per call: ``backend="triton"`` or ``"torch"`` forces one; with ``"auto"`` (the
+default) the environment variable ``CRCM_ATTENTION_BACKEND`` (auto/triton/torch) decides, and
+without it the Triton kernel runs for CUDA tensors whose dtype (fp16/bf16) and head dim
+(16–256, a power of two) it supports, the torch reference otherwise. Forcing Triton on CPU tensors
+works only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+from crcm.kernels._common import BACKEND_ENV, Backend
+from crcm.kernels.attention_jvp import attention_jvp, attention_jvp_reference
+from crcm.kernels.paged_attention import paged_attention, paged_attention_reference
+
+__all__ = [
+    "BACKEND_ENV",
+    "Backend",
+    "attention_jvp",
+    "attention_jvp_reference",
+    "paged_attention",
+    "paged_attention_reference",
+]

@@ -1,0 +1,310 @@
+"""Time crcm's attention kernels against PyTorch on the same shapes (design §6).
+
+    python benches/bench_kernels.py [--quick] [--threads N] [--out PATH]
+
+PATH defaults to benches/results/kernels-<machine>.json.
+
+- Paged attention (streaming: every stream's chunk over its paged cache plus itself) against
+  SDPA over K/V already gathered into contiguous per-stream tensors (flash backend on CUDA; the
+  gather is not timed, so this is the best case for SDPA) and FlexAttention over the packed
+  streams with a per-stream block mask. Ratio = baseline time / kernel time (higher is better;
+  target on GPU ≥ 0.9 against SDPA-flash).
+- Attention JVP (O and tO) against the primal attention O alone with the same mask: FlexAttention
+  with a block mask, plus SDPA-flash for the full mask. Ratio = JVP time / fastest primal time
+  (lower is better; target on GPU ≤ 1.6).
+
+On CUDA the Triton kernels run on `wan2.1-1.3b` streaming shapes (1,560 tokens per latent frame,
+12 heads × 128, bf16). Without CUDA, small fp32 shapes run through the torch reference path
+only, with FlexAttention in eager mode: those numbers describe the CPU fallback, not the kernels.
+Each result records the largest difference between the outputs compared, as a sanity check.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from crcm.kernels import attention_jvp, paged_attention
+from crcm.masks import Mask, block_causal_mask, full_mask, teacher_forcing_mask
+
+CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model-side shape: tokens per latent frame, heads, head dim, dtype, page size in tokens."""
+
+    name: str
+    tokens_per_frame: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    page_tokens: int  # one page per frame, padded to a multiple of the kernel's key tile
+
+
+WAN = Geometry("wan2.1-1.3b", 1560, 12, 128, torch.bfloat16, 1600)
+SMALL = Geometry("small-cpu", 64, 4, 64, torch.float32, 64)
+
+
+def machine() -> dict[str, str | None]:
+    """What ran the benchmark: accelerator or CPU model, and the software versions."""
+    cpu = platform.processor() or None
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        cpu = found.group(1).strip() if found else cpu
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "cpu": cpu,
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if CUDA else None,
+        "python": platform.python_version(),
+        # Other work on the machine skews CPU timings; the 1-minute load says how much there was.
+        "load_average_1min": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else None,
+    }
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Fastest of ``iters`` timed calls of ``fn`` in milliseconds (CUDA events on GPU). The minimum,
+    not the median: on a shared machine the slow calls measure the neighbours, not the code."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def flex() -> Callable:
+    """FlexAttention as users run it: compiled on CUDA; eager on CPU (compiling it there needs a
+    C++ toolchain and says nothing about the GPU)."""
+    if CUDA:
+        return torch.compile(flex_attention)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
+
+
+def block_mask(mask_mod: Callable, q_len: int, kv_len: int, device: str) -> BlockMask:
+    """Compiled on CUDA so that Wan-sized masks are never materialised element by element."""
+    build = torch.compile(create_block_mask) if CUDA else create_block_mask
+    return build(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: int,
+                timing: tuple[int, int]) -> dict:  # fmt: skip
+    """Every stream: a chunk of ``chunk_frames`` frames over ``context_frames`` cached frames."""
+    device = "cuda" if CUDA else "cpu"
+    tpf, heads, dim = geo.tokens_per_frame, geo.heads, geo.head_dim
+    len_q, len_k = chunk_frames * tpf, (context_frames + chunk_frames) * tpf
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=geo.dtype)
+
+    q, k_new, v_new = (randn(streams * len_q, heads, dim) for _ in range(3))
+    num_pages = streams * context_frames
+    k_pages, v_pages = (randn(max(num_pages, 1), geo.page_tokens, heads, dim) for _ in range(2))
+    # Scatter the pages like a pool after many allocations and evictions.
+    page_ids = torch.randperm(max(num_pages, 1), device=device)[:num_pages].int()
+    i32 = {"device": device, "dtype": torch.int32}
+    args = (
+        q, k_new, v_new, torch.arange(streams + 1, **i32) * len_q, k_pages, v_pages,
+        torch.arange(streams + 1, **i32) * context_frames, page_ids,
+        torch.full((num_pages,), tpf, **i32),
+    )  # fmt: skip
+
+    # Baselines get each stream's K/V gathered once, outside the timing: [S, H, L, D].
+    def gather(pages: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        cached = pages[page_ids.long(), :tpf].reshape(streams, context_frames * tpf, heads, dim)
+        return torch.cat([cached, new.reshape(streams, len_q, heads, dim)], 1).transpose(1, 2)
+
+    k, v = gather(k_pages, k_new).contiguous(), gather(v_pages, v_new).contiguous()
+    q_b = q.reshape(streams, len_q, heads, dim).transpose(1, 2).contiguous()
+    # FlexAttention packs the streams into one sequence and masks keys of other streams.
+    same_stream = block_mask(
+        lambda b, h, qi, ki: qi // len_q == ki // len_k, streams * len_q, streams * len_k, device
+    )
+    packed = [x.transpose(0, 1).reshape(1, heads, -1, dim) for x in (q_b, k, v)]
+    flex_fn = flex()
+
+    def sdpa() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if CUDA else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q_b, k, v)
+
+    ours = paged_attention(*args)
+    o_sdpa = sdpa().transpose(1, 2).reshape_as(q)
+    o_flex = flex_fn(*packed, block_mask=same_stream)[0].transpose(0, 1)
+    result = {
+        "streams": streams,
+        "chunk_frames": chunk_frames,
+        "context_frames": context_frames,
+        "paged_ms": time_ms(lambda: paged_attention(*args), *timing),
+        "sdpa_ms": time_ms(sdpa, *timing),
+        "flex_ms": time_ms(lambda: flex_fn(*packed, block_mask=same_stream), *timing),
+        "max_diff_vs_sdpa": max_diff(ours, o_sdpa),
+        "max_diff_vs_flex": max_diff(ours, o_flex),
+    }
+    result["sdpa_over_paged"] = result["sdpa_ms"] / result["paged_ms"]
+    result["flex_over_paged"] = result["flex_ms"] / result["paged_ms"]
+    return result
+
+
+def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
+              timing: tuple[int, int]) -> dict:  # fmt: skip
+    """One (batch 1) attention of a TF-sCM forward: primal vs primal + tangent."""
+    device = "cuda" if CUDA else "cpu"
+    tpf, heads, dim = geo.tokens_per_frame, geo.heads, geo.head_dim
+    mask: Mask = {
+        "full": lambda: full_mask(num_frames, tpf),
+        "block-causal": lambda: block_causal_mask(num_frames, chunk_frames, tpf),
+        "tf": lambda: teacher_forcing_mask(num_frames, chunk_frames, tpf),
+    }[kind]()
+    length = mask.num_q
+    q, k, v, t_q, t_k, t_v = (
+        torch.randn(1, length, heads, dim, device=device, dtype=geo.dtype) for _ in range(6)
+    )
+    q_b, k_b, v_b = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, L, D]
+
+    def mask_mod(b, h, qi, ki):
+        allowed = qi < 0  # all False, in the index tensor's shape
+        for q0, q1, k0, k1 in mask.rects:
+            allowed = allowed | ((qi >= q0) & (qi < q1) & (ki >= k0) & (ki < k1))
+        return allowed
+
+    rect_mask = block_mask(mask_mod, length, length, device)
+    flex_fn = flex()
+    o, _ = attention_jvp(q, k, v, t_q, t_k, t_v, mask)
+    o_flex = flex_fn(q_b, k_b, v_b, block_mask=rect_mask).transpose(1, 2)
+    result = {
+        "mask": kind,
+        "num_frames": num_frames,
+        "chunk_frames": chunk_frames,
+        "tokens": length,
+        "jvp_ms": time_ms(lambda: attention_jvp(q, k, v, t_q, t_k, t_v, mask), *timing),
+        "primal_flex_ms": time_ms(lambda: flex_fn(q_b, k_b, v_b, block_mask=rect_mask), *timing),
+        "max_diff_o_vs_flex": max_diff(o, o_flex),
+    }
+    primals = {"flex": result["primal_flex_ms"]}
+    if kind == "full" and CUDA:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            result["primal_sdpa_flash_ms"] = time_ms(
+                lambda: F.scaled_dot_product_attention(q_b, k_b, v_b), *timing
+            )
+        primals["sdpa-flash"] = result["primal_sdpa_flash_ms"]
+    result["primal"] = min(primals, key=primals.get)
+    result["jvp_over_primal"] = result["jvp_ms"] / primals[result["primal"]]
+    return result
+
+
+def shapes(quick: bool) -> tuple[Geometry, list[tuple], list[tuple]]:
+    """(geometry, paged cases (streams, chunk_frames, context_frames), JVP cases (mask, frames,
+    chunk_frames)). Contexts stop at 21 frames including the chunk, Wan's 81-video-frame clip."""
+    if CUDA:
+        streams = [1, 16] if quick else [1, 4, 16]
+        contexts = {1: [20] if quick else [0, 10, 20], 3: [18] if quick else [0, 9, 18]}
+        paged = [(s, c, ctx) for s in streams for c in (1, 3) for ctx in contexts[c]]
+        frames = [9] if quick else [9, 21]
+        jvp = [(kind, n, 3) for n in frames for kind in ("full", "block-causal", "tf")]
+        return WAN, paged, jvp
+    paged = [
+        (s, c, ctx) for s in ([1, 4] if quick else [1, 4, 16]) for c in (1, 3) for ctx in (0, 6)
+    ]
+    jvp = [(kind, 6, 3) for kind in ("full", "block-causal", "tf")]
+    return SMALL, paged, jvp
+
+
+def table(title: str, rows: list[dict], columns: list[str]) -> str:
+    def cell(x: object) -> str:
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = [[cell(row.get(c, "-")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([title, fmt.format(*columns), *(fmt.format(*line) for line in lines)])
+
+
+def slug(device: str, cpu: str | None) -> str:
+    name = device if device != "cpu" else f"cpu-{cpu or 'unknown'}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    parser.add_argument("--out", type=Path, help="JSON result file (default: by machine name)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice); 1 keeps CPU timings stable on a "
+        "shared machine, where idle-spinning worker threads otherwise dominate small ops",
+    )
+    opts = parser.parse_args()
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    geo, paged_cases, jvp_cases = shapes(opts.quick)
+    timing = (3, 10) if opts.quick else (5, 30)  # (warmup, timed iterations)
+    path = "Triton kernels" if CUDA else "torch reference path (no CUDA: the kernels did not run)"
+    print(f"{geo.name}: {geo.tokens_per_frame} tokens/frame, {geo.heads} heads x {geo.head_dim}, "
+          f"{str(geo.dtype).removeprefix('torch.')}; crcm runs the {path}")  # fmt: skip
+    paged = [bench_paged(geo, *case, timing) for case in paged_cases]
+    print(table("\npaged attention (ms; ratio = baseline / paged, higher is better)", paged,
+                ["streams", "chunk_frames", "context_frames", "paged_ms", "sdpa_ms", "flex_ms",
+                 "sdpa_over_paged", "flex_over_paged", "max_diff_vs_sdpa"]))  # fmt: skip
+    jvp = [bench_jvp(geo, *case, timing) for case in jvp_cases]
+    print(table("\nattention JVP (ms; ratio = JVP / fastest primal, lower is better)", jvp,
+                ["mask", "num_frames", "tokens", "jvp_ms", "primal_flex_ms",
+                 "primal_sdpa_flash_ms", "jvp_over_primal", "max_diff_o_vs_flex"]))  # fmt: skip
+
+    info = machine()
+    out = opts.out or Path("benches/results") / f"kernels-{slug(info['device'], info['cpu'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": info,
+        "crcm_path": path,
+        "quick": opts.quick,
+        "geometry": {**geo.__dict__, "dtype": str(geo.dtype)},
+        "timing": {"warmup": timing[0], "iterations": timing[1], "statistic": "min"},
+        "paged_attention": paged,
+        "attention_jvp": jvp,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Forward-mode derivative (JVP) of masked softmax attention (design §1.5, §4.2).
+
+For one head with ``S = Q·Kᵀ·scale``, ``P = softmax(S)`` over the allowed keys and ``O = P·V``, the
+tangent of ``O`` along ``(tQ, tK, tV)`` is
+
+    tS = (tQ·Kᵀ + Q·tKᵀ)·scale
+    tO = P·tV + (P ⊙ tS)·V − rowsum(P ⊙ tS) ⊙ O.
+
+The Triton kernel computes it FlashAttention-2-style in one pass over the keys: beside the online
+softmax state (running max m, ℓ = Σ P̃, Õ = Σ P̃·V) it keeps A + B = Σ P̃·tV + Σ (P̃ ⊙ tS)·V and
+r = Σ rowsum(P̃ ⊙ tS), all rescaled like Õ, and ends with O = Õ/ℓ, tO = (A + B)/ℓ − (r/ℓ)·O.
+A and B are only ever needed summed, so they share one accumulator.
+
+It is forward-only (used under ``torch.no_grad`` by TF-sCM). Masks are :class:`crcm.masks.Mask`
+unions of rectangles; query rows with no allowed key get ``O = tO = 0``.
+
+Shapes: ``q, t_q, o, t_o``: ``[B, Lq, H, D]``; ``k, v, t_k, t_v``: ``[B, Lk, H, D]``.
+"""
+
+import functools
+
+import numpy as np
+import torch
+
+from crcm.kernels._common import (
+    Backend,
+    check_scale,
+    is_interpreted,
+    resolve_backend,
+    tl,
+    triton,
+)
+from crcm.masks import Mask
+
+__all__ = ["attention_jvp", "attention_jvp_reference"]
+
+
+def attention_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    t_v: torch.Tensor,
+    mask: Mask,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention and its JVP: ``(O, tO)``, both ``[B, Lq, H, D]`` in ``q``'s dtype.
+
+    Args:
+        q, t_q: ``[B, Lq, H, D]`` queries and their tangent.
+        k, v, t_k, t_v: ``[B, Lk, H, D]`` keys, values and their tangents.
+        mask: a ``Mask`` of size ``Lq × Lk`` (the same for every batch element and head).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: "triton", "torch" or "auto" (see :mod:`crcm.kernels`).
+    """
+    scale = _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale)
+    impl = resolve_backend(backend, _attention_jvp_kernel, q.device, q.dtype, q.shape[-1])
+    run = _attention_jvp_triton if impl == "triton" else _attention_jvp_torch
+    return run(q, k, v, t_q, t_k, t_v, mask, scale)
+
+
+def attention_jvp_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    t_k: torch.Tensor,
+    t_v: torch.Tensor,
+    mask: Mask,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: the explicit formula with the dense mask, in fp32 (fp64 for fp64 inputs).
+
+    Same arguments and results as :func:`attention_jvp`. Materialises ``[B, H, Lq, Lk]`` scores:
+    meant for tests and small CPU models, not for long sequences.
+    """
+    scale = _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale)
+    return _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale)
+
+
+def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    # [B, L, H, D] -> [B, H, L, D]
+    q_, k_, v_, tq_, tk_, tv_ = (x.to(compute).transpose(1, 2) for x in (q, k, v, t_q, t_k, t_v))
+    allowed = mask.dense(q.device)
+    s = (q_ @ k_.transpose(-1, -2)) * scale
+    t_s = (tq_ @ k_.transpose(-1, -2) + q_ @ tk_.transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    # A row with no allowed key is all -inf, which softmax turns into NaN: define it as 0.
+    p = torch.where(allowed.any(-1, keepdim=True), p, 0.0)
+    o = p @ v_
+    p_ts = p * t_s
+    t_o = p @ tv_ + p_ts @ v_ - p_ts.sum(-1, keepdim=True) * o
+    return o.transpose(1, 2).to(q.dtype), t_o.transpose(1, 2).to(q.dtype)
+
+
+def _launch_config(head_dim: int, interpreted: bool) -> dict[str, int]:
+    """Tile sizes and warps. The interpreter gets the smallest legal tiles. On GPU the JVP holds
+    two ``BLOCK_M × D`` fp32 accumulators (Õ and A + B) and three score tiles (S, tS, P ⊙ tS)
+    where FlashAttention holds one and one, so D=128 gets half-height tiles. Picked by compiling
+    offline for sm_90 (no GPU was available to time them) as the fewest register spills: 80 bytes
+    at D=64, 400 at D=128. Tune them with benches/bench_kernels.py on a real GPU."""
+    if interpreted:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+
+
+@functools.lru_cache(maxsize=64)
+def _block_map(
+    mask: Mask, block_m: int, block_n: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Block-sparse form of ``mask`` for the kernel, built once per (mask, tiles, device).
+
+    Why a per-query-tile list of key tiles rather than the raw rectangles: rectangles that touch
+    one query tile can overlap in keys (a tile straddling two block-causal chunks sees both
+    chunks' prefixes), so looping over rectangles would visit a key tile twice. The list visits
+    each touched key tile exactly once and skips untouched ones (the sparsity of block-causal and
+    TF masks); tiles the union covers completely are flagged "full" and skip the per-element mask,
+    which is then needed only on the diagonal tiles of the chunk boundaries.
+
+    Returns int32 tensors:
+        ``blocks_indptr [n_q_tiles + 1]``, ``blocks [nnz]`` (key tile index, ascending per query
+        tile), ``blocks_full [nnz]`` (1 if every in-range element of the tile is allowed),
+        ``rects_indptr [n_q_tiles + 1]``, ``rects [n, 4]`` (the rectangles touching each query
+        tile, to evaluate the per-element mask of partial tiles).
+    """
+    num_q, num_k = mask.num_q, mask.num_k
+    rects = np.array(mask.rects, dtype=np.int64).reshape(-1, 4)
+    q_tiles = np.arange(0, num_q, block_m)
+    k_tiles = np.arange(0, num_k, block_n)
+    # Compress coordinates to every tile and rectangle edge: cell (a, b) of the compressed grid is
+    # rows [qs[a], qs[a+1]) × keys [ks[b], ks[b+1]), and each cell is wholly in or out of the mask.
+    # The grid is O((tiles + rects)²), never O(Lq·Lk).
+    qs = np.unique(np.concatenate([q_tiles, [num_q], rects[:, 0], rects[:, 1]]))
+    ks = np.unique(np.concatenate([k_tiles, [num_k], rects[:, 2], rects[:, 3]]))
+    a0, a1 = np.searchsorted(qs, rects[:, 0]), np.searchsorted(qs, rects[:, 1])
+    b0, b1 = np.searchsorted(ks, rects[:, 2]), np.searchsorted(ks, rects[:, 3])
+    # 2-D difference array: after two prefix sums, a cell holds how many rectangles cover it.
+    cover = np.zeros((len(qs), len(ks)), dtype=np.int64)
+    np.add.at(cover, (a0, b0), 1)
+    np.add.at(cover, (a1, b0), -1)
+    np.add.at(cover, (a0, b1), -1)
+    np.add.at(cover, (a1, b1), 1)
+    covered = cover.cumsum(0).cumsum(1)[:-1, :-1] > 0
+    rows_at, cols_at = np.searchsorted(qs, q_tiles), np.searchsorted(ks, k_tiles)
+    touched = np.logical_or.reduceat(np.logical_or.reduceat(covered, rows_at, 0), cols_at, 1)
+    full = np.logical_and.reduceat(np.logical_and.reduceat(covered, rows_at, 0), cols_at, 1)
+    if num_k % block_n:
+        # The last key tile runs past Lk; only the per-element mask keeps its phantom keys out.
+        full[:, -1] = False
+
+    tile_end = np.minimum(q_tiles + block_m, num_q)
+    touches = (rects[None, :, 0] < tile_end[:, None]) & (rects[None, :, 1] > q_tiles[:, None])
+
+    def indptr(counts: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(counts)])
+
+    arrays = (
+        indptr(touched.sum(1)),
+        np.nonzero(touched)[1],
+        full[touched],
+        indptr(touches.sum(1)),
+        rects[np.nonzero(touches)[1]],
+    )
+    return tuple(torch.from_numpy(np.ascontiguousarray(x, np.int32)).to(device) for x in arrays)
+
+
+def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale):
+    # Dense [B, L, H, D] inputs let the kernel share one offset formula for q/tq and k/v/tk/tv;
+    # .contiguous() is free in the usual case and the copies are O(L·D), not O(L²).
+    q, k, v, t_q, t_k, t_v = (x.contiguous() for x in (q, k, v, t_q, t_k, t_v))
+    batch, len_q, num_heads, head_dim = q.shape
+    o, t_o = torch.empty_like(q), torch.empty_like(q)
+    cfg = _launch_config(head_dim, is_interpreted(_attention_jvp_kernel))
+    blocks_indptr, blocks, blocks_full, rects_indptr, rects = _block_map(
+        mask, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device
+    )
+    grid = (triton.cdiv(len_q, cfg["BLOCK_M"]), batch * num_heads)
+    _attention_jvp_kernel[grid](
+        q, k, v, t_q, t_k, t_v, o, t_o,
+        blocks_indptr, blocks, blocks_full, rects_indptr, rects,
+        len_q, k.shape[1], scale,
+        H=num_heads, HEAD_DIM=head_dim, **cfg,
+    )  # fmt: skip
+    return o, t_o
+
+
+@triton.jit
+def _attention_jvp_kernel(
+    q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, to_ptr,
+    blocks_indptr_ptr, blocks_ptr, blocks_full_ptr, rects_indptr_ptr, rects_ptr,
+    len_q, len_k, scale,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(query tiles, B·H)``; one program = one query tile of one (batch, head)."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1) // H
+    head = tl.program_id(1) % H
+    token_stride: tl.constexpr = H * HEAD_DIM
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (batch * len_q + rows).to(tl.int64)
+    q_offs = q_rows[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
+    row_ok = rows[:, None] < len_q
+    q = tl.load(q_ptr + q_offs, mask=row_ok, other=0.0)
+    tq = tl.load(tq_ptr + q_offs, mask=row_ok, other=0.0)
+    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax runs in base 2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # ℓ = Σ P̃
+    r_i = tl.zeros([BLOCK_M], tl.float32)  # r = Σ P̃ ⊙ tS
+    acc_o = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # Õ = Σ P̃·V
+    acc_t = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # A + B = Σ P̃·tV + Σ (P̃ ⊙ tS)·V
+
+    rect_lo = tl.load(rects_indptr_ptr + tile)
+    rect_hi = tl.load(rects_indptr_ptr + tile + 1)
+    for j in range(tl.load(blocks_indptr_ptr + tile), tl.load(blocks_indptr_ptr + tile + 1)):
+        cols = tl.load(blocks_ptr + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_rows = (batch * len_k + cols).to(tl.int64)
+        k_offs = k_rows[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
+        col_ok = cols[:, None] < len_k
+        k = tl.load(k_ptr + k_offs, mask=col_ok, other=0.0)
+        v = tl.load(v_ptr + k_offs, mask=col_ok, other=0.0)
+        tk = tl.load(tk_ptr + k_offs, mask=col_ok, other=0.0)
+        tv = tl.load(tv_ptr + k_offs, mask=col_ok, other=0.0)
+
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        t_s = tl.dot(tq, tl.trans(k))
+        t_s = tl.dot(q, tl.trans(tk), t_s) * scale
+        if tl.load(blocks_full_ptr + j) == 0:
+            allowed = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
+            for r in range(rect_lo, rect_hi):
+                q0 = tl.load(rects_ptr + 4 * r)
+                q1 = tl.load(rects_ptr + 4 * r + 1)
+                k0 = tl.load(rects_ptr + 4 * r + 2)
+                k1 = tl.load(rects_ptr + 4 * r + 3)
+                in_q = (rows >= q0) & (rows < q1)
+                in_k = (cols >= k0) & (cols < k1)
+                allowed = allowed | (in_q[:, None] & in_k[None, :])
+            s = tl.where(allowed, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no allowed key so far has m = -inf; subtracting 0 instead keeps exp2 at 0
+        # (not NaN), so such rows end with ℓ = 0 and are written as zeros.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        p_ts = p * t_s
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(p_ts, 1)
+        p_in = p.to(v.dtype)
+        acc_o = acc_o * alpha[:, None] + tl.dot(p_in, v)
+        acc_t = acc_t * alpha[:, None] + tl.dot(p_in, tv)
+        acc_t = tl.dot(p_ts.to(v.dtype), v, acc_t)
+        m_i = m_new
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc_o * inv_l[:, None]
+    t_o = acc_t * inv_l[:, None] - (r_i * inv_l)[:, None] * o
+    tl.store(o_ptr + q_offs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(to_ptr + q_offs, t_o.to(to_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale) -> float:
+    """Validate shapes, dtypes, devices and the mask size; return the softmax scale."""
+    tensors = {"q": q, "k": k, "v": v, "t_q": t_q, "t_k": t_k, "t_v": t_v}
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, L, H, D], got shape {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    batch, len_q, num_heads, head_dim = q.shape
+    len_k = k.shape[1]
+    for name, x in tensors.items():
+        want = (batch, len_q if name in ("q", "t_q") else len_k, num_heads, head_dim)
+        if x.shape != want:
+            raise ValueError(f"{name} must have shape {want} (from q and k), got {tuple(x.shape)}")
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a crcm.masks.Mask, got {type(mask).__name__}")
+    if (mask.num_q, mask.num_k) != (len_q, len_k):
+        raise ValueError(f"mask is {mask.num_q}x{mask.num_k} but Lq x Lk is {len_q}x{len_k}")
+    return check_scale(scale, head_dim)
