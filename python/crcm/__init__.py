@@ -5,6 +5,8 @@ streaming runtime: a Rust scheduler / KV page pool / frame buffer (``crcm._nativ
 torch models and Triton kernels (``crcm.kernels``).
 """
 
+from typing import TYPE_CHECKING
+
 from crcm._native import FrameBuffer, Plan, Scheduler
 from crcm._native import __version__ as __version__
 from crcm.errors import (
@@ -20,6 +22,33 @@ from crcm.errors import (
     UnknownStreamError,
 )
 
+if TYPE_CHECKING:
+    from crcm.pipeline import Pipeline, load
+    from crcm.runtime import Runtime, Session, generate
+    from crcm.sampling import SamplerConfig
+
+# The torch-backed API loads on first use, so that `import crcm` stays light for code that
+# only drives the native runtime.
+_LAZY = {
+    "Pipeline": "crcm.pipeline",
+    "load": "crcm.pipeline",
+    "Runtime": "crcm.runtime",
+    "Session": "crcm.runtime",
+    "generate": "crcm.runtime",
+    "SamplerConfig": "crcm.sampling",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'crcm' has no attribute {name!r}")
+
+
 __all__ = [
     "BufferClosedError",
     "ConfigError",
@@ -29,10 +58,16 @@ __all__ = [
     "FrameTimeoutError",
     "InvalidStateError",
     "PagesExhaustedError",
+    "Pipeline",
     "Plan",
+    "Runtime",
+    "SamplerConfig",
     "Scheduler",
+    "Session",
     "StreamExistsError",
     "UnknownPlanError",
     "UnknownStreamError",
     "__version__",
+    "generate",
+    "load",
 ]

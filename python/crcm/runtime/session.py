@@ -1,0 +1,488 @@
+"""The Python API of the streaming runtime: a :class:`Runtime` serving many :class:`Session`s.
+
+>>> import crcm
+>>> pipe = crcm.Pipeline.from_config("tiny")
+>>> rt = crcm.Runtime(pipe, max_streams=4)
+>>> s = rt.open(steps=2, seed=0)
+>>> s.push_actions([0, 1, 2])
+>>> rt.run_until_idle()
+3
+>>> [frame.shape for frame in s.read()]
+[(16, 16, 1), (16, 16, 1), (16, 16, 1)]
+
+A runtime owns one Rust scheduler (stream state machines + KV page pool), the torch page
+tensors, and the executor. ``step()`` runs one plan — one batched forward for every stream
+that is ready — synchronously; ``start()`` runs that loop in a background thread for servers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from crcm import _native
+from crcm.errors import ConfigError, InvalidStateError
+from crcm.pipeline import Pipeline
+from crcm.runtime.executor import Executor, StreamState
+from crcm.runtime.kv_cache import PagedKVCache
+from crcm.sampling import SamplerConfig, get_preset
+
+PAGE_TILE = 16  # pages are padded to the attention kernel's tile
+
+
+class Session:
+    """One stream: push actions (world models), read frames, close. Thread-safe."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        stream_id: int,
+        sampler: SamplerConfig,
+        needs_actions: bool,
+        *,
+        buffer_frames: int,
+        backpressure: str,
+        target_fps: float | None,
+    ) -> None:
+        h, w, c = runtime.pipeline.frame_shape
+        self.buffer = _native.FrameBuffer(
+            h, w, c, capacity=buffer_frames, target_fps=target_fps, backpressure=backpressure
+        )
+        self.runtime = runtime
+        self.id = stream_id
+        self.sampler = sampler
+        self.needs_actions = needs_actions
+        self.buffer_frames = buffer_frames
+        self.backpressure = backpressure
+        self.target_fps = target_fps
+        self._closed = False
+
+    def _buffer_is_full(self) -> bool:
+        """Whether one more chunk could overflow a blocking buffer (the stream must pause)."""
+        if self.backpressure != "block":
+            return False
+        return len(self.buffer) + self.sampler.chunk_frames > self.buffer_frames
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidStateError(f"session {self.id} is closed")
+
+    def push_actions(self, actions: Sequence[int | str]) -> None:
+        """Queues one action (id or name) per future frame, in order."""
+        self._check_open()
+        if not self.needs_actions:
+            raise ConfigError(f"session {self.id} was opened without actions")
+        if isinstance(actions, (str, int)):
+            raise ConfigError("push_actions takes a sequence of actions, e.g. [0] or ['left']")
+        ids = [self.runtime.pipeline.action_id(a) for a in actions]
+        self.runtime._push_actions(self.id, ids)
+
+    def read(self, max_frames: int | None = None) -> list[np.ndarray]:
+        """Frames generated so far (``uint8 [H, W, C]``), oldest first, without waiting."""
+        frames = []
+        while max_frames is None or len(frames) < max_frames:
+            item = self.buffer.try_pop()
+            if item is None:
+                break
+            frames.append(item[0])
+        return frames
+
+    def pop(self, timeout: float | None = None) -> tuple[np.ndarray, int, float] | None:
+        """The next ``(frame, index, timestamp)``, waiting up to ``timeout`` s (paced by the
+        buffer's target FPS); None once the session is closed and drained."""
+        return self.buffer.pop(timeout)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Every frame in order, driving the runtime when it is not running in the background.
+        Ends when the stream is finished (``max_frames``) or out of actions."""
+        while True:
+            yield from self.read()
+            if self._closed:
+                return
+            if self.runtime.running:
+                item = self.buffer.pop(timeout=1.0)
+                if item is not None:
+                    yield item[0]
+                continue
+            if self.runtime.step() == 0:  # nothing left to run: drain and stop
+                yield from self.read()
+                return
+
+    def stats(self) -> dict[str, object]:
+        self._check_open()
+        return {**self.runtime.scheduler.stream_stats(self.id), **self.buffer.stats()}
+
+    def fork(self, *, seed: int | None = None) -> Session:
+        """A new session continuing from this one's context (shared KV pages)."""
+        self._check_open()
+        return self.runtime._fork(self, seed)
+
+    def close(self) -> None:
+        """Ends the session; its KV pages return to the pool. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.runtime._close(self)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Runtime:
+    """Serves many streams of one pipeline with batched forwards over a paged KV cache.
+
+    Args:
+        pipeline: the model, codec and default sampler.
+        max_streams: streams that can be open at once with the default context size; more are
+            refused with ``PagesExhaustedError`` (or queued with ``admission="queue"``).
+        context_frames: the longest sink + window + chunk any session will use (defaults to
+            the pipeline sampler's); sizes the page pool.
+        cfg: allocate the unconditional KV plane for guided (teacher) sampling.
+        attention_backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``,
+            ``"triton"``.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        max_streams: int = 8,
+        context_frames: int | None = None,
+        cfg: bool = False,
+        device: torch.device | str | None = None,
+        attention_backend: str = "auto",
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        if max_streams < 1:
+            raise ConfigError(f"max_streams must be >= 1, got {max_streams}")
+        model = pipeline.model
+        self.device = torch.device(device) if device is not None else _param_device(model)
+        model.to(self.device).eval()
+        self.pipeline = pipeline
+        c, h, w = pipeline.latent_chw
+        tokens_per_frame = model.tokens_per_frame(h, w)
+        page_tokens = -(-tokens_per_frame // PAGE_TILE) * PAGE_TILE
+        if context_frames is None:
+            s = pipeline.sampler
+            if s.window_frames is None:
+                raise ConfigError("the default sampler has no window; pass context_frames")
+            context_frames = s.sink_frames + s.window_frames + s.chunk_frames
+        num_pages = max_streams * context_frames  # one page per frame (padded to the tile)
+        self.scheduler = _native.Scheduler(
+            num_pages=num_pages,
+            page_tokens=page_tokens,
+            tokens_per_frame=tokens_per_frame,
+            max_batch_tokens=max_batch_tokens or max_streams * context_frames * tokens_per_frame,
+            max_batch_items=max_streams,
+        )
+        cfg_d = model.cfg
+        self.cache = PagedKVCache(
+            num_layers=cfg_d.num_layers,
+            num_pages=num_pages,
+            page_tokens=page_tokens,
+            tokens_per_frame=tokens_per_frame,
+            num_heads=cfg_d.num_heads,
+            head_dim=cfg_d.head_dim,
+            planes=2 if cfg else 1,
+            device=self.device,
+            dtype=next(model.parameters()).dtype,
+        )
+        self.executor = Executor(model, pipeline.codec, self.cache, (c, h, w), attention_backend)
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()  # one plan at a time; guards sessions
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def open(
+        self,
+        *,
+        sampler: SamplerConfig | str | None = None,
+        steps: int | Sequence[int] | None = None,
+        cond: int | torch.Tensor | None = None,
+        seed: int | None = None,
+        actions: bool | None = None,
+        max_frames: int | None = None,
+        target_fps: float | None = None,
+        buffer_frames: int = 64,
+        backpressure: str = "block",
+        admission: str = "refuse",
+    ) -> Session:
+        """Opens a session.
+
+        Args:
+            sampler: a :class:`SamplerConfig`, a preset name (``consistency``, ``teacher``,
+                ``self-forcing``) or None for the pipeline's default.
+            steps: steps per chunk (an int, or a per-chunk schedule such as ``(4, 2)``).
+            cond: per-video condition — a class id, text tokens ``[text_len, text_dim]``, or
+                None for the null condition.
+            seed: noise seed of this stream (random when None).
+            actions: whether frames wait for pushed actions (default: the model takes actions).
+            max_frames: stop after this many frames.
+            target_fps: pacing of the frame buffer and the scheduler's deadlines.
+            buffer_frames / backpressure: the frame buffer's capacity and what happens when it
+                is full: ``"block"`` pauses this stream's generation, ``"drop_oldest"`` drops.
+        """
+        sampler = self._sampler(sampler, steps)
+        model = self.pipeline.model
+        needs_actions = bool(model.cfg.num_actions) if actions is None else actions
+        if needs_actions and not model.cfg.num_actions:
+            raise ConfigError("this model takes no actions")
+        cond_row = self._cond_row(cond)
+        guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
+        if guided and self.cache.planes < 2:
+            raise ConfigError(
+                "guided sampling (cfg_scale != 1) needs the unconditional KV plane: create the "
+                "Runtime with cfg=True"
+            )
+        generator = torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        )
+        with self._lock:
+            sid = next(self._ids)
+            self.scheduler.open(
+                sid,
+                chunk_frames=sampler.chunk_frames,
+                steps_per_chunk=list(sampler.steps_per_chunk),
+                times=list(sampler.times),
+                cache_update=sampler.cache_update,
+                sink_frames=sampler.sink_frames,
+                window_frames=sampler.window_frames,
+                max_frames=max_frames,
+                target_fps=target_fps,
+                needs_actions=needs_actions,
+                admission=admission,
+            )
+            session = Session(
+                self,
+                sid,
+                sampler,
+                needs_actions,
+                buffer_frames=buffer_frames,
+                backpressure=backpressure,
+                target_fps=target_fps,
+            )
+            self.executor.add_stream(
+                sid, StreamState(sampler, cond_row, generator, self._sink(session.buffer))
+            )
+            self.sessions[sid] = session
+            self._work.notify_all()
+        return session
+
+    def _sampler(
+        self, sampler: SamplerConfig | str | None, steps: int | Sequence[int] | None
+    ) -> SamplerConfig:
+        base = self.pipeline.sampler
+        if isinstance(sampler, str):
+            preset = get_preset(sampler, steps if isinstance(steps, int) else None)
+            sampler = replace(
+                preset, sink_frames=base.sink_frames, window_frames=base.window_frames
+            )
+        elif sampler is None:
+            sampler = base
+        elif not isinstance(sampler, SamplerConfig):
+            raise ConfigError(f"sampler must be a SamplerConfig or a preset name, got {sampler!r}")
+        if steps is not None:
+            schedule = (steps,) if isinstance(steps, int) else tuple(steps)
+            sampler = sampler.with_steps(*schedule)
+        return sampler
+
+    def _cond_row(self, cond: int | torch.Tensor | None) -> torch.Tensor | None:
+        model = self.pipeline.model
+        kind = model.cfg.cond
+        if kind == "none":
+            if cond is not None:
+                raise ConfigError("this model takes no condition")
+            return None
+        if kind == "class":
+            cls = model.null_class if cond is None else cond
+            if isinstance(cls, torch.Tensor):
+                cls = int(cls.item())
+            if not isinstance(cls, int) or not 0 <= cls <= model.null_class:
+                raise ConfigError(f"class condition must be an int in [0, {model.null_class})")
+            return torch.tensor([cls], device=self.device)
+        if cond is None:
+            return model.null_text[None].detach().to(self.device)
+        tokens = torch.as_tensor(cond, device=self.device)
+        if tokens.shape != model.null_text.shape:
+            raise ConfigError(
+                f"text condition must be {list(model.null_text.shape)}, got {list(tokens.shape)}"
+            )
+        return tokens[None].to(model.null_text.dtype)
+
+    @staticmethod
+    def _sink(buffer: _native.FrameBuffer):
+        def sink(frames: np.ndarray, first: int) -> None:
+            for k, frame in enumerate(frames):
+                # A "block" buffer never blocks the executor: the stream is paused before its
+                # buffer can overflow (see step()); timeout=0 turns a bug into an error.
+                buffer.push(np.ascontiguousarray(frame), first + k, timeout=0.0)
+
+        return sink
+
+    def _push_actions(self, sid: int, ids: list[int]) -> None:
+        with self._lock:
+            self.scheduler.push_actions(sid, ids)
+            self._work.notify_all()
+
+    def _fork(self, parent: Session, seed: int | None) -> Session:
+        with self._lock:
+            sid = next(self._ids)
+            self.scheduler.fork(parent.id, sid)
+            src = self.executor.streams[parent.id]
+            generator = torch.Generator()
+            if seed is None:
+                generator.set_state(src.generator.get_state())
+            else:
+                generator.manual_seed(seed)
+            session = Session(
+                self,
+                sid,
+                parent.sampler,
+                parent.needs_actions,
+                buffer_frames=parent.buffer_frames,
+                backpressure=parent.backpressure,
+                target_fps=parent.target_fps,
+            )
+            self.executor.add_stream(
+                sid, StreamState(src.sampler, src.cond, generator, self._sink(session.buffer))
+            )
+            self.sessions[sid] = session
+            self._work.notify_all()
+            return session
+
+    def _close(self, session: Session) -> None:
+        with self._lock:
+            self.scheduler.close(session.id)
+            self.executor.remove_stream(session.id)
+            self.sessions.pop(session.id, None)
+            session.buffer.close()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Runs one plan (one batched forward per chunk size); returns how many items ran."""
+        with self._lock:
+            for sid, session in self.sessions.items():
+                self.scheduler.set_paused(sid, session._buffer_is_full())
+            plan = self.scheduler.tick()
+            if plan is None:
+                return 0
+            try:
+                self.executor.run(plan)
+            except BaseException:
+                self.scheduler.fail(plan.id)
+                raise
+            self.scheduler.complete(plan.id)
+            return len(plan)
+
+    def run_until_idle(self, max_plans: int | None = None) -> int:
+        """Steps until no stream is ready; returns the number of frames emitted."""
+        before = self._frames_emitted()
+        for _ in itertools.count() if max_plans is None else range(max_plans):
+            if self.step() == 0:
+                break
+        return self._frames_emitted() - before
+
+    def _frames_emitted(self) -> int:
+        with self._lock:
+            return sum(
+                int(self.scheduler.stream_stats(sid)["frames_emitted"]) for sid in self.sessions
+            )
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Runs the step loop in a background thread (idempotent)."""
+        if self.running:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="crcm-runtime", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if self.step() == 0:
+                with self._work:
+                    self._work.wait(timeout=0.01)
+
+    def stop(self) -> None:
+        self._stop = True
+        with self._work:
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stops the loop and closes every session."""
+        self.stop()
+        for session in list(self.sessions.values()):
+            session.close()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.scheduler.stats())
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate(
+    pipeline: Pipeline,
+    num_frames: int,
+    *,
+    actions: Sequence[int | str] | None = None,
+    cond: int | torch.Tensor | None = None,
+    sampler: SamplerConfig | str | None = None,
+    steps: int | Sequence[int] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Iterator[np.ndarray]:
+    """Offline generation: yields ``num_frames`` frames (``uint8 [H, W, C]``) as they are made.
+
+    World models need one action per frame (``actions``); video models take ``cond``.
+    """
+    if num_frames < 1:
+        raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+    needs_actions = bool(pipeline.model.cfg.num_actions)
+    if needs_actions and (actions is None or len(actions) < num_frames):
+        raise ConfigError(
+            f"a world model needs {num_frames} actions, got "
+            f"{0 if actions is None else len(actions)}"
+        )
+    runtime = Runtime(
+        pipeline,
+        max_streams=1,
+        device=device,
+        cfg=isinstance(sampler, str) and sampler == "teacher",
+    )
+    with runtime:
+        session = runtime.open(
+            sampler=sampler, steps=steps, cond=cond, seed=seed, max_frames=num_frames
+        )
+        if needs_actions:
+            session.push_actions(list(actions)[:num_frames])
+        yield from itertools.islice(session.frames(), num_frames)
+
+
+def _param_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

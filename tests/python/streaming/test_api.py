@@ -1,0 +1,170 @@
+"""The user-facing API: pipelines, sessions, samplers — and their errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import crcm
+from crcm.errors import ConfigError, InvalidStateError, PagesExhaustedError
+from crcm.pipeline import Pipeline, load
+from crcm.runtime import Runtime, generate
+from crcm.sampling import (
+    SamplerConfig,
+    consistency_times,
+    euler_times,
+    get_preset,
+    self_forcing_times,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline.from_config("tiny", seed=0, action_names=("noop", "fire", "right", "left"))
+
+
+# -- samplers ---------------------------------------------------------------------------------
+
+
+def test_self_forcing_times_are_the_warped_release_list():
+    # s' = 5s/(1+4s) at s = 1, 0.75, 0.5, 0.25, in float32 as that release computes them.
+    expected = [1.0, 3.75 / 4, 2.5 / 3, 1.25 / 2]
+    np.testing.assert_allclose(self_forcing_times(), expected, rtol=1e-6)
+    preset = get_preset("self-forcing")
+    assert preset.chunk_frames == 3 and preset.steps_per_chunk == (4,)
+    assert preset.cache_update  # the clean t = 0 pass after every chunk
+
+
+def test_default_consistency_times():
+    assert consistency_times(4) == [1600 / 1601, 15 / 16, 5 / 6, 5 / 8]
+    assert consistency_times(2) == consistency_times(4)[:2]
+    with pytest.raises(ConfigError):
+        consistency_times(5)
+
+
+def test_euler_times_are_decreasing_and_shifted():
+    t = euler_times(16, shift=5.0)
+    assert t[0] == 1.0 and all(a > b > 0 for a, b in itertools.pairwise(t))
+    assert euler_times(4, shift=1.0) == [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps_per_chunk": ()}, "steps_per_chunk"),
+        ({"steps_per_chunk": (5,)}, "times given"),
+        ({"times": (0.5, 0.9)}, "strictly decreasing"),
+        ({"chunk_frames": 0}, "chunk_frames"),
+        ({"cfg_scale": 3.0}, "Euler sampling only"),
+        ({"kind": "ddim"}, "kind"),
+    ],
+)
+def test_invalid_sampler_configs_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplerConfig(**kwargs)
+
+
+# -- pipelines --------------------------------------------------------------------------------
+
+
+def test_pipeline_save_load_round_trip(pipe, tmp_path):
+    folder = pipe.save(tmp_path / "m")
+    loaded = load(folder)
+    assert loaded.action_names == pipe.action_names and loaded.sampler == pipe.sampler
+    x = torch.randn(1, 2, *pipe.latent_chw)
+    s = torch.rand(1, 2)
+    with torch.no_grad():
+        assert torch.equal(pipe.model(x, s), loaded.model(x, s))
+    assert not list(tmp_path.glob("m/.*"))  # atomic writes leave no temporary files
+
+
+def test_load_errors_are_clear(pipe, tmp_path):
+    with pytest.raises(ConfigError, match="neither a pipeline folder"):
+        load(tmp_path / "missing")
+    folder = pipe.save(tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a valid safetensors file"):
+        load(folder)
+    meta = json.loads((folder / "crcm.json").read_text())
+    meta["model"]["dim"] = 48
+    (folder / "crcm.json").write_text(json.dumps(meta))
+    pipe.save(tmp_path / "ok")
+    (folder / "model.safetensors").write_bytes((tmp_path / "ok/model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="saved from another config"):
+        load(folder)
+    meta["version"] = 99
+    (folder / "crcm.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="version"):
+        load(folder)
+
+
+def test_crcm_load_is_exported():
+    assert crcm.load is load
+    with pytest.raises(ConfigError, match="shipped"):
+        crcm.load("no-such-model")
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def test_session_errors(pipe):
+    rt = Runtime(pipe, max_streams=1)
+    s = rt.open(seed=0)
+    with pytest.raises(ConfigError, match="unknown action"):
+        s.push_actions(["jump"])
+    with pytest.raises(ConfigError, match=r"int in \[0, 4\)"):
+        s.push_actions([7])
+    with pytest.raises(ConfigError, match="sequence"):
+        s.push_actions(1)
+    with pytest.raises(ConfigError, match="class condition"):
+        rt.open(cond=17)
+    with pytest.raises(PagesExhaustedError):
+        rt.open(seed=1)  # one stream's worth of pages, already taken
+    s.close()
+    with pytest.raises(InvalidStateError, match="closed"):
+        s.push_actions([0])
+    rt.open(seed=2).close()  # pages came back
+
+
+def test_actions_by_name_and_frames_iterator(pipe):
+    rt = Runtime(pipe, max_streams=2)
+    s = rt.open(seed=0)
+    s.push_actions(["noop", "left", 2])
+    frames = list(s.frames())
+    assert len(frames) == 3 and frames[0].shape == (16, 16, 1) and frames[0].dtype == np.uint8
+
+
+def test_blocking_buffer_pauses_the_stream_instead_of_losing_frames(pipe):
+    rt = Runtime(pipe, max_streams=1)
+    s = rt.open(seed=0, buffer_frames=2)
+    s.push_actions([0] * 5)
+    rt.run_until_idle()
+    assert len(s.buffer) == 2 and s.stats()["dropped"] == 0  # paused at a full buffer
+    assert len(s.read()) == 2
+    rt.run_until_idle()
+    assert len(s.read()) == 2
+    rt.run_until_idle()
+    assert len(s.read()) == 1 and s.stats()["frames_emitted"] == 5
+
+
+def test_background_runtime_serves_sessions(pipe):
+    with Runtime(pipe, max_streams=2) as rt:
+        rt.start()
+        s = rt.open(seed=0)
+        s.push_actions([1, 2, 3])
+        got = [s.pop(timeout=30.0) for _ in range(3)]
+        assert [item[1] for item in got] == [0, 1, 2]
+    assert not rt.running and s.closed
+
+
+def test_generate_validates_and_yields_frames(pipe):
+    with pytest.raises(ConfigError, match="needs 4 actions"):
+        list(generate(pipe, 4, actions=[0]))
+    frames = list(generate(pipe, 4, actions=[0, 1, 2, 3], steps=2, seed=1))
+    again = list(generate(pipe, 4, actions=[0, 1, 2, 3], steps=2, seed=1))
+    assert len(frames) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(frames, again, strict=True))
