@@ -20,7 +20,7 @@ from crcm.codec import Codec, PixelCodec
 from crcm.errors import ConfigError
 from crcm.models import CausalDiT, DiTConfig, get_config
 from crcm.models.wan_weights import load_weights, save_weights
-from crcm.sampling import SamplerConfig
+from crcm.sampling import SamplerConfig, get_preset
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "weights"
@@ -81,6 +81,46 @@ class Pipeline:
             sampler=sampler or SamplerConfig(window_frames=8),
             action_names=action_names,
             name=name or (config if isinstance(config, str) else "custom"),
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        config: str | DiTConfig = "wan2.1-1.3b",
+        codec: Codec | None = None,
+        sampler: SamplerConfig | str = "self-forcing",
+        prefix: str = "",
+        name: str | None = None,
+    ) -> Pipeline:
+        """A pipeline around a safetensors checkpoint in crcm, original-Wan or diffusers naming.
+
+        For the public Self-Forcing / CausVid / Causal-rCM releases: ``config="wan2.1-1.3b"``,
+        ``prefix="generator_ema."`` when the file holds several models, the ``self-forcing``
+        sampler (its warped 4-step times, c3-3, the clean time-0 cache update), and a
+        :class:`crcm.codec.VAECodec` wrapping your Wan VAE (crcm ships no VAE weights; without
+        one, frames are the latents packed as pixels). Conditions are text-encoder tokens
+        ``[text_len, text_dim]`` passed to ``Runtime.open(cond=...)``. Checkpoints saved with
+        ``torch.save`` (pickles) are refused: convert them to safetensors where you trust them.
+        """
+        cfg = get_config(config) if isinstance(config, str) else config
+        if str(path).endswith((".pt", ".pth", ".bin", ".ckpt")):
+            raise ConfigError(
+                f"{path} looks like a pickle; crcm loads safetensors only (never unpickles)"
+            )
+        model = CausalDiT(cfg)
+        try:
+            load_weights(model, path, prefix=prefix)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load {path}: {err}") from err
+        if isinstance(sampler, str):
+            sampler = get_preset(sampler)
+        return cls(
+            model=model.eval(),
+            codec=codec or _default_codec(cfg),
+            sampler=sampler,
+            name=name or Path(path).stem,
         )
 
     @property

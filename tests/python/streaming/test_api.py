@@ -168,3 +168,34 @@ def test_generate_validates_and_yields_frames(pipe):
     again = list(generate(pipe, 4, actions=[0, 1, 2, 3], steps=2, seed=1))
     assert len(frames) == 4
     assert all(np.array_equal(a, b) for a, b in zip(frames, again, strict=True))
+
+
+def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset(tmp_path):
+    """A checkpoint in the original Wan naming, wrapped like a Self-Forcing release, loads and
+    streams c3-3 with the release's sampler on crcm's runtime."""
+    from safetensors.torch import save_file
+
+    from crcm.models import CausalDiT, get_config
+    from crcm.models.wan_weights import convert_state_dict
+
+    cfg = get_config("tiny").replace(
+        cond="text", text_dim=8, text_len=4, num_classes=0, class_tokens=0, num_actions=0
+    )
+    source = CausalDiT(cfg)
+    wan = convert_state_dict(source.state_dict(), src="crcm", dst="wan")
+    wan = {f"generator_ema.model.{k}": v.contiguous() for k, v in wan.items()}
+    save_file(wan, tmp_path / "release.safetensors")
+
+    pipe = Pipeline.from_checkpoint(
+        tmp_path / "release.safetensors", config=cfg, prefix="generator_ema."
+    )
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("null_text"):  # crcm-only: not in Wan checkpoints
+            assert torch.equal(pipe.model.state_dict()[name], tensor), name
+    assert pipe.sampler == get_preset("self-forcing")
+    rt = Runtime(pipe, max_streams=1, context_frames=9)
+    session = rt.open(cond=torch.randn(4, 8), seed=0, max_frames=6)
+    rt.run_until_idle()
+    assert len(session.read()) == 6
+    with pytest.raises(ConfigError, match="pickle"):
+        Pipeline.from_checkpoint(tmp_path / "model.pt")
