@@ -61,10 +61,15 @@ def test_readme_example_runs():
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert blocks, "README has no python example"
+    namespaces = []
     for block in blocks:
         namespace: dict[str, object] = {}
         exec(compile(block, "README.md", "exec"), namespace)
-    sched = namespace["sched"]
+        namespaces.append(namespace)
+    api, runtime = namespaces
+    assert len(api["frames"]) == 3 and len(api["video"]) == 6
+    assert api["rt"].stats()["pages_used"] == 0  # leaving the `with` closed every session
+    sched = runtime["sched"]
     assert sched.stream_stats(1)["frames_emitted"] == 4  # every pushed action became a frame
 
 
