@@ -49,6 +49,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from crcm.bench import machine, run_suite
+    from crcm.pipeline import Pipeline, load
+    from crcm.sampling import SamplerConfig
+
+    if args.model in ("breakout", "tiny"):
+        # Speed does not depend on the weights: untrained ones measure the shipped shapes.
+        pipe = Pipeline.from_config(
+            args.model, sampler=SamplerConfig(sink_frames=1, window_frames=8), name=args.model
+        )
+    else:
+        pipe = load(args.model)
+    streams = (1, 8) if args.quick else (1, 8, 32)
+    rows = run_suite(pipe, steps=(1, 2, 4), streams=streams, frames=16 if args.quick else 64)
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"results written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from crcm import __version__
 
@@ -76,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="save the frames to this .npz file")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure streaming frames/s and latency on this machine",
+        description="Streams sessions of a model at 1, 2 and 4 steps per frame with 1, 8 and 32 "
+        "concurrent streams and reports frames/s, first-frame latency, per-frame latency "
+        "percentiles and the scheduler's cost per tick.",
+    )
+    bench.add_argument(
+        "--model", default="breakout", help="model name or pipeline folder (breakout)"
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer frames, 1 and 8 streams")
+    bench.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -103,3 +103,16 @@ def test_cli_help_lists_commands():
     result = _crcm("--help")
     assert result.returncode == 0
     assert "demo" in result.stdout
+
+
+def test_cli_bench_writes_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    result = _crcm("bench", "--model", "tiny", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    record = json.loads(out.read_text())
+    assert record["machine"]["cores"] >= 1
+    keys = {"model", "steps", "chunk", "streams", "fps", "first_frame_ms", "p99_frame_ms"}
+    assert len(record["rows"]) == 6 and all(keys <= set(row) for row in record["rows"])
+    assert all(row["fps"] > 0 and row["first_frame_ms"] > 0 for row in record["rows"])

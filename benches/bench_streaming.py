@@ -1,0 +1,61 @@
+"""Streaming throughput and latency of the runtime (design §6), written to benches/results/.
+
+    python benches/bench_streaming.py [--quick] [--out FILE.json]
+
+On CPU: the default world-model size (``breakout`` config; untrained weights — speed does not
+depend on them) at 1, 2 and 4 steps per frame, 1 and 8 streams, c1-1.
+On CUDA, additionally: ``wan2.1-1.3b`` shapes in bf16 (random weights; no VAE), c3-3 at 4, 2
+and 1 steps, 1 stream, with model FLOP utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from crcm.bench import format_row, machine, run_suite
+from crcm.pipeline import Pipeline
+from crcm.sampling import SamplerConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer frames per setting")
+    parser.add_argument("--out", type=Path, help="result file (default: benches/results/…)")
+    args = parser.parse_args()
+    frames = 24 if args.quick else 96
+    info = machine()
+    rows = []
+
+    world = Pipeline.from_config(
+        "breakout", sampler=SamplerConfig(sink_frames=1, window_frames=8), name="breakout"
+    )
+    rows += run_suite(world, steps=(1, 2, 4), streams=(1, 8), frames=frames)
+
+    if torch.cuda.is_available():
+        wan = Pipeline.from_config(
+            "wan2.1-1.3b", sampler=SamplerConfig(chunk_frames=3, window_frames=18)
+        )
+        wan.model.to("cuda", torch.bfloat16)
+        rows += run_suite(wan, steps=(4, 2, 1), chunks=(3,), streams=(1,), frames=frames // 2)
+
+    device = info.get("gpu") or info["cpu"]
+    slug = re.sub(r"[^a-z0-9]+", "-", str(device).lower()).strip("-")[:40]
+    out = args.out or RESULTS / f"streaming-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": info, "rows": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+    for row in rows:
+        print(format_row(row))
+
+
+if __name__ == "__main__":
+    main()
