@@ -239,15 +239,16 @@ impl PagePool {
     pub fn allocate_frames(&mut self, id: StreamId, num_frames: u32) -> Result<&[FramePages]> {
         let ppf = self.config.pages_per_frame();
         let stream = self.streams.get(&id).ok_or(Error::UnknownStream(id))?;
-        let would_hold = stream.pages_held(ppf) + num_frames * ppf;
-        if would_hold > stream.reserved {
+        // In u64: a huge `num_frames` must be refused, not overflow (and, in release, wrap).
+        let would_hold = u64::from(stream.pages_held(ppf)) + u64::from(num_frames) * u64::from(ppf);
+        if would_hold > u64::from(stream.reserved) {
             return Err(Error::ReservationExceeded {
                 stream: id,
-                would_hold,
+                would_hold: u32::try_from(would_hold).unwrap_or(u32::MAX),
                 reserved: stream.reserved,
             });
         }
-        let needed = (num_frames * ppf) as usize;
+        let needed = (num_frames * ppf) as usize; // <= reserved: fits u32
         if needed > self.free.len() {
             // Unreachable while reservations hold (invariant 5); refuse rather than trust it.
             return Err(Error::PagesExhausted {

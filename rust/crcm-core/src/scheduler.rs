@@ -316,6 +316,13 @@ impl Scheduler {
                 "max_batch_tokens and max_batch_items must be positive".into(),
             ));
         }
+        if config.max_batch_tokens > i32::MAX as u32 {
+            // Plans carry int32 token offsets, and packing adds two budgets' worth in u32.
+            return Err(Error::InvalidConfig(format!(
+                "max_batch_tokens {} does not fit the int32 offsets of a plan",
+                config.max_batch_tokens
+            )));
+        }
         Ok(Self {
             pool: PagePool::new(config.pool)?,
             config,
@@ -396,12 +403,17 @@ impl Scheduler {
         }
         let (config, chunk, actions) =
             (parent.config.clone(), parent.chunk, parent.actions.clone());
+        let (latency_sum, last_latency) = (parent.latency_sum, parent.last_latency);
         let reserved = config.reservation(&self.pool)?;
         self.pool.fork_stream(src, dst, reserved)?;
         self.insert_stream(dst, config, Phase::Idle, chunk);
         let child = self.streams.get_mut(&dst).expect("just inserted");
         child.actions = actions;
         child.frames_emitted = chunk * u64::from(child.config.chunk_frames);
+        // The child inherits the parent's chunks, so also their latencies: the mean divides by
+        // all chunks emitted.
+        child.latency_sum = latency_sum;
+        child.last_latency = last_latency;
         Ok(())
     }
 
