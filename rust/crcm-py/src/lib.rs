@@ -80,7 +80,8 @@ fn monotonic() -> f64 {
 fn timeout_from(py: Python<'_>, seconds: Option<f64>) -> PyResult<Option<Duration>> {
     match seconds {
         None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        // Past ~31 years a timeout is "forever" (a bigger Duration panics or overflows Instant).
+        Some(s) if s.is_finite() && s >= 0.0 => Ok((s < 1e9).then(|| Duration::from_secs_f64(s))),
         Some(s) => Err(config_error(py, format!("timeout must be >= 0 seconds, got {s}"))),
     }
 }
