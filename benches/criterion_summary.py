@@ -85,8 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write here (default: stdout)")
     ap.add_argument(
         "--command",
-        default="cargo bench -p crcm-core --bench runtime "
-        "-- --warm-up-time 1 --measurement-time 3",
+        default="cargo bench -p crcm-core --bench runtime -- --warm-up-time 1 --measurement-time 3",
         help="the command that produced the results (recorded as is)",
     )
     ap.add_argument("--note", action="append", default=[], help="a line for the notes field")

@@ -80,9 +80,20 @@ fn stream_config(i: u64) -> StreamConfig {
 
 fn scheduler(c: &mut Criterion) {
     let mut g = c.benchmark_group("scheduler");
-    for streams in [1u64, 8, 64] {
+    // The runtime's default layout is one page per frame (padded to the tile); fine 64-token
+    // pages (25 per frame) show how the cost grows with the page-table length.
+    let layouts =
+        [("page_per_frame", TOKENS_PER_FRAME.div_ceil(16) * 16), ("pages64", PAGE_TOKENS)];
+    for ((layout, page_tokens), streams) in
+        layouts.iter().flat_map(|l| [1u64, 8, 64].map(move |n| (*l, n)))
+    {
         let mut sched = Scheduler::new(SchedulerConfig {
-            pool: pool_config(32 * 1024), // 64 streams × 16 frames × 25 pages fit
+            // 64 streams × 16 frames × 25 pages fit
+            pool: PoolConfig {
+                num_pages: 32 * 1024,
+                page_tokens,
+                tokens_per_frame: TOKENS_PER_FRAME,
+            },
             max_batch_tokens: 3 * TOKENS_PER_FRAME * 64,
             max_batch_items: 64,
         })
@@ -114,7 +125,7 @@ fn scheduler(c: &mut Criterion) {
             one_round(&mut sched);
         }
         g.throughput(Throughput::Elements(streams));
-        g.bench_function(BenchmarkId::new("tick_complete", streams), |b| {
+        g.bench_function(BenchmarkId::new(format!("tick_complete/{layout}"), streams), |b| {
             b.iter(|| black_box(one_round(&mut sched)))
         });
         sched.check_invariants().unwrap();

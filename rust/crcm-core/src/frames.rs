@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
+/// Pacing bounds: one frame per ~11.6 days at the slowest, one per microsecond at the fastest.
+pub const MIN_FPS: f64 = 1e-6;
+pub const MAX_FPS: f64 = 1e6;
+
 /// What a full buffer does with a new frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backpressure {
@@ -41,6 +45,13 @@ impl FrameBufferConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        let bytes = self.height.checked_mul(self.width).and_then(|n| n.checked_mul(self.channels));
+        if bytes.is_none() {
+            return Err(Error::InvalidConfig(format!(
+                "frame shape {}x{}x{} is too large",
+                self.height, self.width, self.channels
+            )));
+        }
         if self.capacity == 0 || self.frame_bytes() == 0 {
             return Err(Error::InvalidConfig(format!(
                 "frame buffer needs a positive capacity and frame shape, got capacity {} and \
@@ -52,6 +63,12 @@ impl FrameBufferConfig {
             if !(fps.is_finite() && fps > 0.0) {
                 return Err(Error::InvalidConfig(format!(
                     "target_fps must be positive, got {fps}"
+                )));
+            }
+            // A frame period must be a representable Duration that Instant arithmetic can add.
+            if !(MIN_FPS..=MAX_FPS).contains(&fps) {
+                return Err(Error::InvalidConfig(format!(
+                    "target_fps must be between {MIN_FPS} and {MAX_FPS}, got {fps}"
                 )));
             }
         }

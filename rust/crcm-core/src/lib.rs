@@ -16,7 +16,9 @@ pub type StreamId = u64;
 
 pub use error::{Error, Result};
 pub use frames::{Backpressure, Frame, FrameBuffer, FrameBufferConfig, FrameBufferStats};
-pub use pages::{FramePages, PagePool, PoolConfig, PoolStats, Retention, StreamPageStats};
+pub use pages::{
+    FramePageIds, FramePages, PagePool, PoolConfig, PoolStats, Retention, StreamPageStats,
+};
 pub use scheduler::{
     Admission, ItemKind, Phase, Plan, Scheduler, SchedulerConfig, SchedulerStats, StreamConfig,
     StreamStats,

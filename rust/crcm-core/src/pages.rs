@@ -25,10 +25,21 @@
 //! A page shared by two streams (after a fork) carries one reference per stream; it returns to
 //! the free list when the last one lets go.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::error::{Error, Result};
 use crate::{PageId, StreamId};
+
+/// A frame's page ids. Inline for up to 4 pages (the default layout has one page per frame),
+/// so allocating a frame does not touch the heap.
+pub type FramePageIds = SmallVec<[PageId; 4]>;
+
+/// Most pages a pool may have: 16 Mi (int32 page tables need < 2^31; beyond this size a typo
+/// would allocate gigabytes of bookkeeping before anything else fails).
+pub const MAX_PAGES: u32 = 1 << 24;
 
 /// Sizes of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +61,9 @@ impl PoolConfig {
                 self.num_pages, self.page_tokens, self.tokens_per_frame
             )));
         }
-        if self.num_pages > i32::MAX as u32 {
+        if self.num_pages > MAX_PAGES {
             return Err(Error::InvalidConfig(format!(
-                "num_pages {} does not fit the int32 page tables torch uses",
+                "num_pages {} is over the limit of {MAX_PAGES} (the pool keeps a refcount per page)",
                 self.num_pages
             )));
         }
@@ -77,7 +88,7 @@ pub struct FramePages {
     /// Absolute frame index in the stream (RoPE position before any re-basing).
     pub frame: u64,
     /// The frame's pages, `pages_per_frame` of them, in token order.
-    pub pages: Vec<PageId>,
+    pub pages: FramePageIds,
 }
 
 /// Eviction policy of one stream.
@@ -136,7 +147,8 @@ pub struct PagePool {
     config: PoolConfig,
     refcount: Vec<u32>,
     free: Vec<PageId>,
-    streams: BTreeMap<StreamId, StreamPages>,
+    // Looked up several times per plan item: a fast integer hash, not SipHash or a B-tree.
+    streams: FxHashMap<StreamId, StreamPages>,
     reserved_total: u32,
 }
 
@@ -149,7 +161,7 @@ impl PagePool {
             config,
             refcount: vec![0; config.num_pages as usize],
             free,
-            streams: BTreeMap::new(),
+            streams: FxHashMap::default(),
             reserved_total: 0,
         })
     }
@@ -261,7 +273,7 @@ impl PagePool {
         let stream = self.streams.get_mut(&id).expect("checked above");
         let start = stream.pending.len();
         for _ in 0..num_frames {
-            let pages: Vec<PageId> = (0..ppf)
+            let pages: FramePageIds = (0..ppf)
                 .map(|_| {
                     let p = self.free.pop().expect("length checked above");
                     self.refcount[p as usize] = 1;

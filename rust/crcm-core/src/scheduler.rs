@@ -18,6 +18,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use rustc_hash::FxHashMap;
+
 use crate::error::{Error, Result};
 use crate::pages::{PagePool, PoolConfig, Retention};
 use crate::StreamId;
@@ -122,7 +124,9 @@ impl StreamConfig {
     fn reservation(&self, pool: &PagePool) -> Result<u32> {
         let by_window = pool.peak_pages(self.retention, self.chunk_frames);
         let by_length = self.max_frames.map(|n| {
-            let frames = n.div_ceil(u64::from(self.chunk_frames)) * u64::from(self.chunk_frames);
+            // Saturating: an absurd max_frames must be refused below, not wrap to 0 pages.
+            let chunk = u64::from(self.chunk_frames);
+            let frames = n.div_ceil(chunk).saturating_mul(chunk);
             frames.saturating_mul(u64::from(pool.config().pages_per_frame()))
         });
         let pages = match (by_window, by_length) {
@@ -274,13 +278,29 @@ impl Plan {
         *self.q_cu_seqlens.last().unwrap_or(&0) as u32
     }
 
-    fn with_id(id: u64) -> Self {
+    /// An empty plan with room for `items` items (one allocation per array per tick).
+    fn with_capacity(id: u64, items: usize) -> Self {
+        let offsets = || {
+            let mut v = Vec::with_capacity(items + 1);
+            v.push(0);
+            v
+        };
         Plan {
             id,
-            q_cu_seqlens: vec![0],
-            kv_indptr: vec![0],
-            write_indptr: vec![0],
-            frame_indptr: vec![0],
+            stream_ids: Vec::with_capacity(items),
+            chunk_index: Vec::with_capacity(items),
+            kind: Vec::with_capacity(items),
+            step: Vec::with_capacity(items),
+            num_steps: Vec::with_capacity(items),
+            s: Vec::with_capacity(items),
+            s_next: Vec::with_capacity(items),
+            emits_frames: Vec::with_capacity(items),
+            frame_start: Vec::with_capacity(items),
+            num_frames: Vec::with_capacity(items),
+            q_cu_seqlens: offsets(),
+            kv_indptr: offsets(),
+            write_indptr: offsets(),
+            frame_indptr: offsets(),
             ..Default::default()
         }
     }
@@ -303,7 +323,8 @@ pub struct SchedulerStats {
 pub struct Scheduler {
     config: SchedulerConfig,
     pool: PagePool,
-    streams: BTreeMap<StreamId, Stream>,
+    // Looked up several times per plan item: a fast integer hash, not SipHash or a B-tree.
+    streams: FxHashMap<StreamId, Stream>,
     in_flight: BTreeMap<u64, Vec<StreamId>>,
     next_plan: u64,
     next_arrival: u64,
@@ -326,7 +347,7 @@ impl Scheduler {
         Ok(Self {
             pool: PagePool::new(config.pool)?,
             config,
-            streams: BTreeMap::new(),
+            streams: FxHashMap::default(),
             in_flight: BTreeMap::new(),
             next_plan: 0,
             next_arrival: 0,
@@ -499,7 +520,7 @@ impl Scheduler {
         }
         ready.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
 
-        let mut plan = Plan::with_id(self.next_plan);
+        let mut plan = Plan::with_capacity(self.next_plan, ready.len());
         let mut tokens = 0u32;
         for (_, _, id) in ready {
             if plan.len() as u32 >= self.config.max_batch_items {
@@ -571,11 +592,26 @@ impl Scheduler {
         plan.q_cu_seqlens.push(q_end as i32);
 
         let resident = self.pool.resident(id).expect("admitted");
-        for frame in resident {
-            for (k, &page) in frame.pages.iter().enumerate() {
-                plan.kv_page_ids.push(page as i32);
-                plan.kv_page_lens.push(pool_cfg.page_len(k as u32) as i32);
+        let ppf = pool_cfg.pages_per_frame() as usize;
+        let n = resident.len() * ppf;
+        plan.kv_page_ids.reserve(n);
+        plan.kv_page_lens.reserve(n);
+        plan.kv_frames.reserve(n);
+        if ppf == 1 {
+            // The default layout (one padded page per frame): one push per frame and array.
+            let len = pool_cfg.page_len(0) as i32;
+            for frame in resident {
+                plan.kv_page_ids.push(frame.pages[0] as i32);
+                plan.kv_page_lens.push(len);
                 plan.kv_frames.push(frame.frame as i64);
+            }
+        } else {
+            for frame in resident {
+                for (k, &page) in frame.pages.iter().enumerate() {
+                    plan.kv_page_ids.push(page as i32);
+                    plan.kv_page_lens.push(pool_cfg.page_len(k as u32) as i32);
+                    plan.kv_frames.push(frame.frame as i64);
+                }
             }
         }
         plan.kv_indptr.push(plan.kv_page_ids.len() as i32);
@@ -662,8 +698,12 @@ impl Scheduler {
         Ok(self.live(id)?.phase)
     }
 
+    /// Open streams, in increasing id order.
     pub fn stream_ids(&self) -> Vec<StreamId> {
-        self.streams.iter().filter(|(_, s)| !s.closing).map(|(&id, _)| id).collect()
+        let mut ids: Vec<StreamId> =
+            self.streams.iter().filter(|(_, s)| !s.closing).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        ids
     }
 
     pub fn stream_stats(&self, id: StreamId) -> Result<StreamStats> {

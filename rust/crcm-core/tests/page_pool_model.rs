@@ -446,9 +446,10 @@ impl StateMachineTest for PoolTest {
             {
                 assert_eq!(real.pages.len() as u32, cfg.pages_per_frame());
                 *holders.entry(token).or_default() += 1;
-                let pages = token_pages.entry(token).or_insert_with(|| real.pages.clone());
+                let pages = token_pages.entry(token).or_insert_with(|| real.pages.to_vec());
                 assert_eq!(
-                    *pages, real.pages,
+                    pages.as_slice(),
+                    real.pages.as_slice(),
                     "streams sharing frame token {token} see different pages"
                 );
             }
@@ -488,7 +489,7 @@ impl Sut {
                 .resident(id)
                 .unwrap()
                 .chain(self.pool.pending(id).unwrap())
-                .map(|f| f.pages.clone())
+                .map(|f| f.pages.to_vec())
                 .collect();
             for (pages, &(_, token)) in real.into_iter().zip(s.resident.iter().chain(&s.pending)) {
                 self.pages_of.entry(token).or_insert(pages);

@@ -275,6 +275,9 @@ impl Scheduler {
     #[pyo3(signature = (plan_id, now=None))]
     fn complete(&self, py: Python<'_>, plan_id: u64, now: Option<f64>) -> PyResult<()> {
         let now = now.unwrap_or_else(monotonic);
+        if !now.is_finite() {
+            return Err(config_error(py, format!("now must be finite, got {now}")));
+        }
         self.lock().complete(plan_id, now).py_err(py)
     }
 
@@ -433,8 +436,8 @@ impl FrameBuffer {
             return Err(errors::new_err(py, "FrameShapeError", msg));
         }
         let data = match array.as_slice() {
-            Ok(s) => s.to_vec(),
-            Err(_) => array.as_array().iter().copied().collect(), // non-contiguous input
+            Ok(s) if array.is_c_contiguous() => s.to_vec(), // as_slice also takes F order
+            _ => array.as_array().iter().copied().collect(), // non-contiguous input
         };
         let timeout = timeout_from(py, timeout)?;
         let frame = rt::Frame { data, index, timestamp: timestamp.unwrap_or_else(monotonic) };
