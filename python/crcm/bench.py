@@ -3,8 +3,11 @@
 Every figure comes from a real run on this machine, written with the machine's description.
 One row per setting::
 
-    {"model", "steps", "chunk", "streams", "fps", "first_frame_ms", "p50_frame_ms",
+    {"model", "steps", "chunk", "context", "streams", "fps", "first_frame_ms", "p50_frame_ms",
      "p99_frame_ms", "tick_us", "mfu"}
+
+- ``context``: ``"clean"`` (a time-0 cache-update pass after each chunk: steps + 1 forwards
+  per chunk) or ``"noisy"`` (the last denoising step's K/V are kept: steps forwards);
 
 - ``fps``: frames emitted by all streams per second of wall time in steady state;
 - ``first_frame_ms``: a new session, from ``open`` to its first decoded frame (its first chunk);
@@ -75,11 +78,14 @@ def bench_streaming(
     steps: int,
     chunk: int = 1,
     streams: int = 1,
+    context: str = "clean",
     frames: int = 64,
     warmup_frames: int = 8,
     seed: int = 0,
 ) -> dict[str, object]:
     """One row: ``streams`` sessions generating ``frames`` frames each after a warm-up."""
+    if context not in ("clean", "noisy"):
+        raise ValueError(f"context must be 'clean' or 'noisy', got {context!r}")
     sampler = replace(
         pipeline.sampler,
         chunk_frames=chunk,
@@ -87,6 +93,7 @@ def bench_streaming(
         times=tuple(consistency_times(4)),
         kind="consistency",
         cfg_scale=1.0,
+        cache_update=context == "clean",
     )
     total = warmup_frames + frames + chunk
     runtime = Runtime(
@@ -167,6 +174,7 @@ def bench_streaming(
         "model": pipeline.name,
         "steps": steps,
         "chunk": chunk,
+        "context": context,
         "streams": streams,
         "fps": round(fps, 2),
         "first_frame_ms": round(first_frame_ms, 2),
@@ -183,25 +191,32 @@ def run_suite(
     steps: Sequence[int] = (1, 2, 4),
     chunks: Sequence[int] = (1,),
     streams: Sequence[int] = (1, 8),
+    contexts: Sequence[str] = ("noisy", "clean"),
     frames: int = 64,
     progress: bool = True,
 ) -> list[dict[str, object]]:
     rows = []
     for chunk in chunks:
         for n_streams in streams:
-            for n_steps in steps:
-                row = bench_streaming(
-                    pipeline, steps=n_steps, chunk=chunk, streams=n_streams, frames=frames
-                )
-                rows.append(row)
-                if progress:
-                    print(format_row(row), flush=True)
+            for context in contexts:
+                for n_steps in steps:
+                    row = bench_streaming(
+                        pipeline,
+                        steps=n_steps,
+                        chunk=chunk,
+                        streams=n_streams,
+                        context=context,
+                        frames=frames,
+                    )
+                    rows.append(row)
+                    if progress:
+                        print(format_row(row), flush=True)
     return rows
 
 
 def format_row(row: dict[str, object]) -> str:
     return (
-        f"{row['model']:>12} steps={row['steps']} chunk={row['chunk']} "
+        f"{row['model']:>12} steps={row['steps']} chunk={row['chunk']} {row['context']:>5} "
         f"streams={row['streams']:>2}  {row['fps']:>8} frames/s  first frame "
         f"{row['first_frame_ms']} ms  p99 {row['p99_frame_ms']} ms  tick {row['tick_us']} µs"
         + (f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")

@@ -114,5 +114,5 @@ def test_cli_bench_writes_rows(tmp_path):
     record = json.loads(out.read_text())
     assert record["machine"]["cores"] >= 1
     keys = {"model", "steps", "chunk", "streams", "fps", "first_frame_ms", "p99_frame_ms"}
-    assert len(record["rows"]) == 6 and all(keys <= set(row) for row in record["rows"])
+    assert len(record["rows"]) == 12 and all(keys <= set(row) for row in record["rows"])
     assert all(row["fps"] > 0 and row["first_frame_ms"] > 0 for row in record["rows"])
