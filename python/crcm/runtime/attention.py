@@ -168,7 +168,9 @@ def select_backend(name: str, cache: PagedKVCache) -> PagedAttentionBackend:
     if name == "auto":
         # On CUDA the kernel dispatch itself falls back to its reference where Triton has no
         # kernel (fp32, unusual head dims); on CPU the gather + SDPA path is faster.
-        return TritonPagedAttention(cache, "auto") if cache.k.is_cuda else TorchPagedAttention(cache)
+        if cache.k.is_cuda:
+            return TritonPagedAttention(cache, "auto")
+        return TorchPagedAttention(cache)
     if name == "torch":
         return TorchPagedAttention(cache)
     if name == "triton":

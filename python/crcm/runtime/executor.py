@@ -11,7 +11,9 @@ chunk size, and
   chunk's last step, decodes its frames and hands them to the stream's sink.
 
 Streams sampled with classifier-free guidance run a second, unconditional row that reads and
-writes plane 1 of the cache (same page ids), so both branches keep their own context.
+writes plane 1 of the cache (same page ids), so both branches keep their own context. The
+unconditional row drops the per-video condition, or — for models without one, such as world
+models conditioned on actions only — the actions (the convention of the training objectives).
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ class Executor:
         starts = plan.frame_indptr[items][rows]
         a = plan.actions[starts[:, None] + np.arange(T)]
         a = np.where(a < 0, self.model.null_action, a)
+        if self.model.cfg.cond == "none":
+            # Without a per-video condition the actions are the condition: the unconditional
+            # rows of guided streams (after the first len(items)) see the null action.
+            a[len(items) :] = self.model.null_action
         return torch.from_numpy(a).to(self._device)
 
     def _cond(self, states: list[StreamState], rows: list[int], n_cond: int) -> torch.Tensor | None:

@@ -272,3 +272,25 @@ def test_pages_stay_flat_over_a_long_stream(pipe, num_frames):
     assert session.stats()["frames_emitted"] == num_frames // 3 * 3
     assert peak <= (1 + 3 + 3) * rt.scheduler.pages_per_frame
     assert rt.stats()["pages_used"] == session.stats()["pages_held"] == 4
+
+
+def test_cfg_of_an_action_only_world_model_guides_on_actions():
+    """Without a per-video condition, the unconditional branch sees the null action."""
+    from crcm.models import get_config
+
+    cfg = get_config("tiny").replace(cond="none", num_classes=0, class_tokens=0)
+    world = Pipeline.from_config(cfg, seed=0)
+    with torch.no_grad():
+        for p in world.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    base = dict(kind="euler", steps_per_chunk=(3,), times=tuple(euler_times(3)))
+    outs = []
+    for scale in (1.0, 2.0):
+        rt = Runtime(world, max_streams=1, context_frames=5, cfg=True)
+        latents = record_latents(rt)
+        s = rt.open(sampler=SamplerConfig(**base, cfg_scale=scale), seed=4, max_frames=4)
+        s.push_actions([1, 2, 3, 0])
+        rt.run_until_idle()
+        outs.append(latents[s.id])
+    assert max_diff(outs[0], outs[1]) > 1e-3
