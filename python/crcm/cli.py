@@ -74,6 +74,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from crcm.training.config import load_config
+    from crcm.training.trainer import train
+
+    cfg = load_config(args.config, list(args.overrides), stage=args.stage)
+    out = train(cfg, progress=not args.quiet)
+    print(f"{cfg.stage}: run folder {out}")
+    if (out / "pipeline").is_dir():
+        print(
+            f"trained pipeline: {out / 'pipeline'} (crcm.load, or init=/teacher= of a next stage)"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from crcm import __version__
 
@@ -115,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer frames, 1 and 8 streams")
     bench.add_argument("--out", type=Path, help="write the results as JSON to this file")
     bench.set_defaults(func=_cmd_bench)
+
+    from crcm.training.config import STAGES
+
+    train = sub.add_parser(
+        "train",
+        help="train one stage of the Causal-rCM recipe (or a baseline's)",
+        description="Runs one training stage from a TOML config plus key=value overrides, "
+        "resuming from the run folder's last checkpoint. Stages: " + ", ".join(STAGES) + ".",
+    )
+    train.add_argument("stage", choices=STAGES, metavar="STAGE", help="the stage to train")
+    train.add_argument("--config", type=Path, help="TOML config file")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. steps=200 data.frames=8"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

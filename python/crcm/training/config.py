@@ -1,0 +1,199 @@
+"""Training configs: one dataclass, one TOML file per stage, ``key=value`` overrides.
+
+    # configs/causal-rcm/2-tf-scm.toml
+    stage = "tf-scm"
+    init = "runs/teacher"        # the student starts from the causal teacher
+    teacher = "runs/teacher"
+    steps = 2000
+    [data]
+    kind = "moving-squares"
+
+Stages (design §1.3): ``base`` (stage 0), ``teacher-tf`` / ``teacher-df`` (stage 1), ``tf-scm`` /
+``tf-dcm`` / ``trigflow-scm`` (stage 2), ``sf-dmd`` (stage 3), and the baselines' stages
+``df-dmd`` (CausVid-style), ``ode-init`` (Self-Forcing's ODE regression) and ``joint-rcm``
+(L_sCM + λ·L_DMD). A recipe is a sequence of stage configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from crcm.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Stage = Literal[
+    "base",
+    "teacher-tf",
+    "teacher-df",
+    "tf-scm",
+    "tf-dcm",
+    "trigflow-scm",
+    "sf-dmd",
+    "df-dmd",
+    "ode-init",
+    "joint-rcm",
+]
+STAGES: tuple[str, ...] = get_args(Stage)
+DISTILLATION = ("tf-scm", "tf-dcm", "trigflow-scm", "sf-dmd", "df-dmd", "ode-init", "joint-rcm")
+DMD = ("sf-dmd", "df-dmd", "joint-rcm")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["moving-squares"] = "moving-squares"
+    frames: int = 6
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Stage
+    out: str = "runs/crcm"
+    model: str = "tiny"  # a DiT config name, used when nothing is loaded from `init`
+    init: str | None = None  # run folder or pipeline to start the student from
+    teacher: str | None = None  # run folder or pipeline of the teacher (distillation)
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    # AdamW betas: (0.9, 0.999) for stages 0-1, (0, 0.999) for distillation (the papers').
+    betas: tuple[float, float] | None = None
+    weight_decay: float = 0.01
+    lr_warmup_steps: int = 0
+    ema_decay: float = 0.99
+    chunk_frames: int = 1
+    cond_dropout: float = 0.1
+    context_noise: float = 0.0
+    cfg_scale: float | None = None  # 3 for consistency distillation, 5 for DMD by default
+    tangent_warmup_steps: int = 1000
+    # SF-DMD
+    fake_score_updates: int = 5
+    fake_score_lr: float | None = None
+    step_schedule: Literal["cycled", "random"] = "cycled"
+    max_steps: int = 4
+    cache_update: bool = True
+    replay: bool = False
+    dmd_weight: float = 0.01  # λ of joint rCM
+    # bookkeeping
+    checkpoint_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid training config: {msg}")
+
+        need(self.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        need(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.chunk_frames >= 1, "chunk_frames must be >= 1")
+        need(
+            self.data.frames % self.chunk_frames == 0,
+            f"data.frames={self.data.frames} is not a multiple of chunk_frames",
+        )
+        need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
+        need(self.checkpoint_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
+        need(1 <= self.max_steps <= 4, "max_steps must be between 1 and 4")
+        if self.stage in DISTILLATION:
+            need(self.teacher is not None, f"stage {self.stage} needs a teacher")
+        if self.betas is not None:
+            need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "bad betas")
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        if self.betas is not None:
+            return tuple(self.betas)  # type: ignore[return-value]
+        return (0.0, 0.999) if self.stage in DISTILLATION else (0.9, 0.999)
+
+    @property
+    def guidance(self) -> float:
+        if self.cfg_scale is not None:
+            return self.cfg_scale
+        return 5.0 if self.stage in DMD else 3.0
+
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A config file path, or a shipped recipe stage such as ``causal-rcm/2-tf-scm``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES / (str(name_or_path).removesuffix(".toml") + ".toml")
+    if shipped.is_file():
+        return shipped
+    known = sorted(
+        str(p.relative_to(RECIPES)).removesuffix(".toml") for p in RECIPES.rglob("*.toml")
+    )
+    raise ConfigError(f"no config file {name_or_path}; shipped recipes: {', '.join(known)}")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] = (), stage: str | None = None
+) -> TrainConfig:
+    """Reads a TOML config (or none) and applies ``key=value`` overrides (``data.frames=8``).
+
+    ``stage``, when given, must agree with the file's ``stage`` (or supplies it)."""
+    raw: dict = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"cannot read {path}: {err}") from err
+    if stage is not None:
+        if raw.get("stage", stage) != stage:
+            raise ConfigError(f"{path} is a config for stage {raw['stage']!r}, not {stage!r}")
+        raw["stage"] = stage
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word: a string
+        target = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = parsed
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; known: {sorted(fields)}")
+    if "stage" not in raw:
+        raise ConfigError('the config needs a stage (e.g. stage = "tf-scm")')
+    values = dict(raw)
+    data = values.pop("data", {})
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    if not isinstance(data, dict) or set(data) - data_fields:
+        raise ConfigError(f"[data] takes {sorted(data_fields)}, got {data!r}")
+    if "betas" in values and values["betas"] is not None:
+        values["betas"] = tuple(values["betas"])
+    try:
+        return TrainConfig(**values, data=DataConfig(**data))
+    except TypeError as err:
+        raise ConfigError(f"invalid training config: {err}") from err
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
