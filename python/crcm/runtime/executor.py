@@ -80,7 +80,7 @@ class Executor:
     def remove_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, plan: _native.Plan) -> None:
         """Runs every item of ``plan`` (one forward per distinct chunk size)."""
         num_frames = plan.num_frames
