@@ -14,7 +14,9 @@ One row per setting::
 - ``p50/p99_frame_ms``: per stream, the time between consecutive frame emissions (a chunk's
   frames arrive together; the gap is spread over them);
 - ``tick_us``: runtime overhead per plan (Rust tick + complete through PyO3);
-- ``mfu``: model FLOP utilisation on a GPU (analytic FLOPs / time / the GPU's peak), else None.
+- ``mfu``: model FLOP utilisation on a GPU (analytic FLOPs / time / the GPU's peak), else None;
+- ``baseline_fps`` / ``speedup`` (c1-1 rows): a plain PyTorch streaming loop of the same model
+  (:func:`plain_pytorch_fps`), measured in the same process, and crcm's frames/s over it.
 """
 
 from __future__ import annotations
@@ -185,6 +187,78 @@ def bench_streaming(
     }
 
 
+@torch.inference_mode()
+def plain_pytorch_fps(
+    pipeline: Pipeline, *, steps: int, context: str, frames: int = 32, seed: int = 0
+) -> float:
+    """Frames/s of a plain PyTorch streaming loop, the way research code streams one video.
+
+    One stream, frame by frame (c1-1): a dense K/V cache per layer grown with ``torch.cat`` and
+    trimmed to the sink + window, the same model, sampler times and context mode as crcm. It is
+    the baseline of ``speedup`` (crcm's aggregate frames/s over this loop's, measured in the
+    same process); N streams through this loop run one after another, at the same total rate.
+    """
+    model = pipeline.model
+    sampler = pipeline.sampler
+    times = consistency_times(4)[:steps]
+    c, h, w = pipeline.latent_chw
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tpf = model.tokens_per_frame(h, w)
+    keep_sink = sampler.sink_frames * tpf
+    keep_window = (sampler.window_frames or frames) * tpf
+    gen = torch.Generator().manual_seed(seed)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    write = [False]
+
+    def attn_fn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer in cache:
+            k_all = torch.cat([cache[layer][0], k], dim=1)
+            v_all = torch.cat([cache[layer][1], v], dim=1)
+        else:
+            k_all, v_all = k, v
+        if write[0]:
+            if k_all.shape[1] > keep_sink + keep_window:  # sink + rolling window
+                k_all = torch.cat([k_all[:, :keep_sink], k_all[:, -keep_window:]], dim=1)
+                v_all = torch.cat([v_all[:, :keep_sink], v_all[:, -keep_window:]], dim=1)
+            cache[layer] = (k_all, v_all)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+        )
+        return o.transpose(1, 2)
+
+    actions = None
+    start = 0.0
+    for f in range(frames + 4):
+        if f == 4:  # warm-up frames are not timed
+            start = time.perf_counter()
+        if model.cfg.num_actions:
+            actions = torch.zeros(1, 1, dtype=torch.long, device=device)
+        pos = torch.full((1, 1), f, device=device)
+        x = torch.randn((1, 1, c, h, w), generator=gen).to(device, dtype)
+        for k, s in enumerate(times):
+            last = k + 1 == len(times)
+            write[0] = last and context == "noisy"
+            s_t = torch.full((1, 1), s, device=device)
+            v = model(x, s_t, frame_pos_B_T=pos, actions_B_T=actions, attention=attn_fn)
+            x0 = x - s * v
+            if not last:
+                x = (1 - times[k + 1]) * x0 + times[k + 1] * torch.randn(x.shape, generator=gen).to(
+                    device, dtype
+                )
+        pipeline.codec.decode(x0)
+        if context == "clean":
+            write[0] = True
+            model(
+                x0,
+                torch.zeros(1, 1, device=device),
+                frame_pos_B_T=pos,
+                actions_B_T=actions,
+                attention=attn_fn,
+            )
+    return frames / (time.perf_counter() - start)
+
+
 def run_suite(
     pipeline: Pipeline,
     *,
@@ -196,6 +270,7 @@ def run_suite(
     progress: bool = True,
 ) -> list[dict[str, object]]:
     rows = []
+    baselines: dict[tuple[int, str], float] = {}
     for chunk in chunks:
         for n_streams in streams:
             for context in contexts:
@@ -208,6 +283,14 @@ def run_suite(
                         context=context,
                         frames=frames,
                     )
+                    if chunk == 1:
+                        key = (n_steps, context)
+                        if key not in baselines:
+                            baselines[key] = plain_pytorch_fps(
+                                pipeline, steps=n_steps, context=context, frames=frames
+                            )
+                        row["baseline_fps"] = round(baselines[key], 2)
+                        row["speedup"] = round(float(row["fps"]) / baselines[key], 2)
                     rows.append(row)
                     if progress:
                         print(format_row(row), flush=True)
@@ -220,6 +303,7 @@ def format_row(row: dict[str, object]) -> str:
         f"streams={row['streams']:>2}  {row['fps']:>8} frames/s  first frame "
         f"{row['first_frame_ms']} ms  p99 {row['p99_frame_ms']} ms  tick {row['tick_us']} µs"
         + (f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")
+        + (f"  {row['speedup']}x plain PyTorch" if "speedup" in row else "")
     )
 
 
