@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="write the results as JSON to this file")
     bench.set_defaults(func=_cmd_bench)
 
+    from crcm.cli_data import add_collect_parser, add_eval_parser
+
+    add_collect_parser(sub)
+    add_eval_parser(sub)
+
     from crcm.training.config import STAGES
 
     train = sub.add_parser(

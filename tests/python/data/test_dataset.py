@@ -1,0 +1,141 @@
+"""The dataset format: manifest, seed split, memmap reading, resume and clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ale_py")
+
+from crcm.data.atari import AtariEnv, run_episode
+from crcm.data.dataset import (
+    EVAL_SEED_BASE,
+    AtariClips,
+    AtariDataset,
+    CollectConfig,
+    DatasetError,
+    collect,
+)
+from crcm.errors import ConfigError, CrcmError
+
+SMALL = CollectConfig(train_episodes=3, eval_episodes=1, max_steps=30, episodes_per_shard=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return collect(tmp_path_factory.mktemp("ds") / "small", SMALL, progress=False)
+
+
+def test_manifest_records_what_the_dataset_is(small: Path) -> None:
+    m = json.loads((small / "manifest.json").read_text())
+    assert m["format"] == "crcm-atari-dataset" and m["version"] == 1
+    assert m["frameskip"] == 4 and m["frame_hw"] == [64, 64]
+    assert m["games"] == [
+        {"id": 0, "name": "breakout", "action_names": ["NOOP", "FIRE", "RIGHT", "LEFT"]}
+    ]
+    assert m["splits"]["train"]["seeds"] == [5, 6, 7]
+    assert m["splits"]["eval"]["seeds"] == [EVAL_SEED_BASE + 5]
+    assert len(m["shards"]) == 2 and m["counts"]["episodes"] == 4
+    assert all(len(f["sha256"]) == 64 for s in m["shards"] for f in s["files"].values())
+
+
+def test_reading_gives_the_episodes_the_emulator_plays(small: Path) -> None:
+    ds = AtariDataset(small)
+    assert len(ds) == 4 and ds.complete
+    assert ds.episodes_of("train") == [0, 1, 2] and ds.episodes_of("eval") == [3]
+    env = AtariEnv("breakout")
+    for i in (1, 3):
+        spec, ep = ds.specs[i], ds.episode(i)
+        assert isinstance(ep["frames"], np.memmap)
+        ref = run_episode(env, spec.policy, spec.seed, max_steps=30)
+        np.testing.assert_array_equal(ep["frames"], ref.frames)
+        np.testing.assert_array_equal(ep["actions"], ref.actions)
+        np.testing.assert_array_equal(ep["ram"], ref.ram)
+    assert ds.num_frames == sum(ds.episode_length(i) for i in range(4))
+
+
+def test_resume_completes_an_interrupted_collection(small: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    last = m["shards"].pop()
+    m["counts"] = {"episodes": 2, "frames": m["shards"][0]["frames"]}
+    (copy / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(copy / last["name"])
+    (copy / "shard-00001.tmp").mkdir()  # a half-written shard left by the interruption
+    collect(copy, SMALL, progress=False)
+    assert json.loads((copy / "manifest.json").read_text()) == json.loads(
+        (small / "manifest.json").read_text()
+    )
+    assert not (copy / "shard-00001.tmp").exists()
+    AtariDataset(copy)  # checksums match the original collection
+
+
+def test_other_settings_in_the_same_folder_are_refused(small: Path) -> None:
+    with pytest.raises(DatasetError, match=r"other settings.*frameskip"):
+        collect(small, CollectConfig(**{**SMALL.__dict__, "frameskip": 2}), progress=False)
+    with pytest.raises(DatasetError, match="frame size is \\(64, 64\\), expected \\(96, 96\\)"):
+        AtariDataset(small, frame_hw=(96, 96))
+
+
+def test_corrupt_and_truncated_shards_are_named(small: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    path = copy / "shard-00001" / "frames.npy"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    AtariDataset(copy, verify=False)  # same size: only the checksum can tell
+    with pytest.raises(DatasetError, match=r"shard-00001: frames\.npy fails its sha256 check"):
+        AtariDataset(copy)
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(DatasetError, match=r"frames\.npy has .* bytes, the manifest says"):
+        AtariDataset(copy, verify=False)
+    with pytest.raises(DatasetError, match=r"no manifest\.json"):
+        AtariDataset(tmp_path)
+
+
+def test_bad_requests_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown Atari game"):
+        collect(tmp_path / "x", CollectConfig(games=("nosuchgame",)), progress=False)
+    with pytest.raises(ConfigError, match="training seeds must stay"):
+        collect(tmp_path / "y", CollectConfig(seed=EVAL_SEED_BASE), progress=False)
+
+
+def test_several_games_with_a_game_condition(tmp_path: Path) -> None:
+    import torch
+
+    from crcm.codec import PixelCodec
+
+    cfg = CollectConfig(games=("breakout", "pong"), train_episodes=1, eval_episodes=1, max_steps=20)
+    ds = AtariDataset(collect(tmp_path / "two", cfg, progress=False))
+    assert ds.games == ["breakout", "pong"]
+    assert [ds.game_id(i) for i in ds.episodes_of("train")] == [0, 1]
+    assert [s.policy for s in ds.specs if s.game == "pong"] == ["random", "random"]
+    clips = AtariClips(ds, PixelCodec((64, 64), 3, 1), frames=8, game_cond=True, seed=1)
+    b1, b2 = clips.batch(3, 6), clips.batch(3, 6)
+    assert b1.x0_B_T_C_H_W.shape == (6, 8, 3, 64, 64)
+    torch.testing.assert_close(b1.x0_B_T_C_H_W, b2.x0_B_T_C_H_W)  # pure function of the step
+    assert set(b1.cond.tolist()) <= {0, 1}
+    a = b1.actions_B_T
+    assert int(a.min()) >= 0 and int(a.max()) <= clips.num_actions  # reset -> null action
+
+
+def test_collect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crcm.cli_data import add_collect_parser
+
+    parser = argparse.ArgumentParser()
+    add_collect_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["collect", "--episodes", "1", "--out", str(tmp_path / "c"), "--max-steps", "10", "--quiet"]
+    )
+    assert args.func(args) == 0
+    assert "2 episodes (1 train, 1 eval)" in capsys.readouterr().out
+    args = parser.parse_args(["collect", "--game", "nope", "--out", str(tmp_path / "d")])
+    with pytest.raises(CrcmError, match="unknown Atari game"):  # main prints it, exit 2
+        args.func(args)
