@@ -25,6 +25,14 @@ pub enum Error {
     )]
     PagesExhausted { stream: StreamId, needed: u32, available: u32, capacity: u32 },
 
+    /// Admission control refused a stream because earlier streams are waiting for pages: a new
+    /// stream never overtakes the queue.
+    #[error(
+        "stream {stream} refused: {waiting} earlier stream(s) are waiting for KV pages (open it \
+         with admission=queue to wait in line)"
+    )]
+    QueueWaiting { stream: StreamId, waiting: u32 },
+
     /// A stream tried to hold more pages than it reserved at admission (a bug in the caller's
     /// reservation, refused instead of letting one stream starve the others).
     #[error("stream {stream} would hold {would_hold} pages, over its reservation of {reserved}")]

@@ -378,9 +378,19 @@ impl Scheduler {
                 capacity: self.pool.config().num_pages,
             });
         }
-        let phase = match self.pool.add_stream(id, config.retention, reserved) {
+        // First come, first served: while streams wait in the queue, a new stream joins it (or
+        // is refused) even if its own reservation would fit, so the queue cannot starve.
+        let waiting = self.streams.values().filter(|s| s.phase == Phase::Queued).count() as u32;
+        let admitted = if waiting > 0 {
+            Err(Error::QueueWaiting { stream: id, waiting })
+        } else {
+            self.pool.add_stream(id, config.retention, reserved)
+        };
+        let phase = match admitted {
             Ok(()) => Phase::Idle,
-            Err(Error::PagesExhausted { .. }) if config.admission == Admission::Queue => {
+            Err(Error::PagesExhausted { .. } | Error::QueueWaiting { .. })
+                if config.admission == Admission::Queue =>
+            {
                 Phase::Queued
             }
             Err(e) => return Err(e),

@@ -292,14 +292,18 @@ impl Model {
                     return Err(Error::InvalidConfig(String::new()));
                 }
                 let needed = reservation(config, self.ppf());
-                let phase = if self.fits(needed) {
+                let waiting =
+                    self.streams.values().filter(|s| s.phase == Phase::Queued).count() as u32;
+                let phase = if needed > self.config.pool.num_pages {
+                    // A stream that could never fit is refused even if it may queue.
+                    return Err(self.exhausted(id, needed));
+                } else if self.fits(needed) && waiting == 0 {
                     Phase::Idle
-                } else if needed <= self.config.pool.num_pages
-                    && config.admission == Admission::Queue
-                {
-                    Phase::Queued
+                } else if config.admission == Admission::Queue {
+                    Phase::Queued // behind the queue: first come, first served
+                } else if waiting > 0 {
+                    return Err(Error::QueueWaiting { stream: id, waiting });
                 } else {
-                    // Refused, and a stream that could never fit is refused even if it may queue.
                     return Err(self.exhausted(id, needed));
                 };
                 self.insert(id, config.clone(), phase, 0);

@@ -28,7 +28,9 @@ mod errors {
             InvalidConfig(_) => "ConfigError",
             UnknownStream(_) => "UnknownStreamError",
             StreamExists(_) => "StreamExistsError",
-            PagesExhausted { .. } | ReservationExceeded { .. } => "PagesExhaustedError",
+            PagesExhausted { .. } | ReservationExceeded { .. } | QueueWaiting { .. } => {
+                "PagesExhaustedError"
+            }
             InvalidState { .. } => "InvalidStateError",
             UnknownPlan(_) => "UnknownPlanError",
             BadPage(_) => "BadPageError",

@@ -641,3 +641,17 @@ def test_error_messages_are_one_readable_line():
     for m in msgs:
         assert "\n" not in m and "Err(" not in m and "panicked" not in m and len(m) < 200
         assert re.search(r"\d", m), m  # names the offending value or id
+
+
+def test_admission_is_first_come_first_served():
+    """A stream that would fit does not overtake streams already waiting for pages."""
+    s = _native.Scheduler(num_pages=8, page_tokens=16, tokens_per_frame=16, max_batch_tokens=64)
+    big = dict(chunk_frames=1, steps_per_chunk=[1], times=[1.0], window_frames=5)
+    small = dict(chunk_frames=1, steps_per_chunk=[1], times=[1.0], window_frames=1)
+    assert s.open(1, **big) == "idle"  # 6 of 8 pages reserved
+    assert s.open(2, **big, admission="queue") == "queued"  # needs 6, 2 left
+    with pytest.raises(PagesExhaustedError, match="waiting for KV pages"):
+        s.open(3, **small)  # needs 2 and 2 are free, but stream 2 came first
+    assert s.open(3, **small, admission="queue") == "queued"
+    s.close(1)
+    assert s.phase(2) == "idle" and s.phase(3) == "idle"  # admitted in arrival order

@@ -258,7 +258,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if config_problem(opts, self.tpf, self.max_tokens):
             return self.expect_error(ConfigError, self.sched.open, sid, **opts.kwargs())
         reserved = self.reservation(opts)
-        fits = reserved <= self.num_pages - self.reserved_total
+        # First come, first served: nobody is admitted past streams waiting in the queue.
+        waiting = any(s.phase == "queued" for s in self.streams.values())
+        fits = reserved <= self.num_pages - self.reserved_total and not waiting
         if reserved > self.num_pages or (not fits and opts.admission == "refuse"):
             return self.expect_error(PagesExhaustedError, self.sched.open, sid, **opts.kwargs())
         phase = self.sched.open(sid, **opts.kwargs())
