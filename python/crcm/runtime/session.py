@@ -18,6 +18,7 @@ that is ready — synchronously; ``start()`` runs that loop in a background thre
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -33,6 +34,7 @@ from crcm.runtime.kv_cache import PagedKVCache
 from crcm.sampling import SamplerConfig, get_preset
 
 PAGE_TILE = 16  # pages are padded to the attention kernel's tile
+logger = logging.getLogger(__name__)
 
 
 class Session:
@@ -60,6 +62,7 @@ class Session:
         self.buffer_frames = buffer_frames
         self.backpressure = backpressure
         self.target_fps = target_fps
+        self.error: Exception | None = None  # why the runtime ended this session, if it did
         self._closed = False
 
     def _buffer_is_full(self) -> bool:
@@ -201,8 +204,8 @@ class Runtime:
         self.executor = Executor(model, pipeline.codec, self.cache, (c, h, w), attention_backend)
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.RLock()  # one plan at a time; guards sessions
-        self._work = threading.Condition(self._lock)
+        self._lock = threading.RLock()  # one plan at a time; guards sessions and the executor
+        self._wake = threading.Event()  # set when there may be new work for the loop
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -280,7 +283,7 @@ class Runtime:
                 sid, StreamState(sampler, cond_row, generator, self._sink(session.buffer))
             )
             self.sessions[sid] = session
-            self._work.notify_all()
+        self._wake.set()
         return session
 
     def _sampler(
@@ -335,9 +338,9 @@ class Runtime:
         return sink
 
     def _push_actions(self, sid: int, ids: list[int]) -> None:
-        with self._lock:
-            self.scheduler.push_actions(sid, ids)
-            self._work.notify_all()
+        # The Rust scheduler is thread-safe on its own: a push never waits for a running forward.
+        self.scheduler.push_actions(sid, ids)
+        self._wake.set()
 
     def _fork(self, parent: Session, seed: int | None) -> Session:
         with self._lock:
@@ -362,8 +365,8 @@ class Runtime:
                 sid, StreamState(src.sampler, src.cond, generator, self._sink(session.buffer))
             )
             self.sessions[sid] = session
-            self._work.notify_all()
-            return session
+        self._wake.set()
+        return session
 
     def _close(self, session: Session) -> None:
         with self._lock:
@@ -384,8 +387,14 @@ class Runtime:
                 return 0
             try:
                 self.executor.run(plan)
-            except BaseException:
+            except Exception as err:
+                # Isolate the failure: the plan's streams end with the error recorded on their
+                # sessions; every other stream keeps running.
                 self.scheduler.fail(plan.id)
+                for sid in {int(i) for i in plan.stream_ids}:
+                    if (session := self.sessions.get(sid)) is not None:
+                        session.error = err
+                        session.close()
                 raise
             self.scheduler.complete(plan.id)
             return len(plan)
@@ -418,14 +427,19 @@ class Runtime:
 
     def _loop(self) -> None:
         while not self._stop:
-            if self.step() == 0:
-                with self._work:
-                    self._work.wait(timeout=0.01)
+            try:
+                ran = self.step()
+            except Exception:
+                # step() closed the failed plan's sessions (their .error says why); serve on.
+                logger.exception("a plan failed; its sessions were closed")
+                continue
+            if ran == 0:
+                self._wake.wait(timeout=0.01)
+                self._wake.clear()
 
     def stop(self) -> None:
         self._stop = True
-        with self._work:
-            self._work.notify_all()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

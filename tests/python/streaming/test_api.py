@@ -199,3 +199,25 @@ def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset
     assert len(session.read()) == 6
     with pytest.raises(ConfigError, match="pickle"):
         Pipeline.from_checkpoint(tmp_path / "model.pt")
+
+
+def test_a_failing_plan_ends_its_sessions_and_the_loop_serves_on(pipe):
+    rt = Runtime(pipe, max_streams=2)
+    good, bad = rt.open(seed=0), rt.open(seed=1)
+    original = rt.executor._run_group
+
+    def flaky(plan, items, T):  # the model fails for the bad stream's plans only
+        if bad.id in plan.stream_ids.tolist():
+            raise RuntimeError("simulated device error")
+        original(plan, items, T)
+
+    rt.executor._run_group = flaky
+    bad.push_actions([0])
+    with pytest.raises(RuntimeError, match="simulated"):
+        rt.step()
+    assert bad.closed and isinstance(bad.error, RuntimeError)
+    assert rt.stats()["streams"] == 1
+    rt.start()
+    good.push_actions([1, 2])
+    assert [good.pop(timeout=30.0)[1] for _ in range(2)] == [0, 1]
+    rt.close()
