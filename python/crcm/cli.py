@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.overrides), stage=args.stage)
     out = train(cfg, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     print(f"{cfg.stage}: run folder {out}")
     if (out / "pipeline").is_dir():
         print(
@@ -131,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from crcm.cli_data import add_collect_parser, add_eval_parser
+    from crcm.cli_serve import add_play_parser, add_stream_parser
 
+    add_play_parser(sub)
+    add_stream_parser(sub)
     add_collect_parser(sub)
     add_eval_parser(sub)
 

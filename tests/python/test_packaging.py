@@ -37,6 +37,17 @@ def test_kernels_ship_inside_the_package():
     assert {n.rsplit("/", 1)[-1] for n in names if n.startswith("crcm/kernels/")} >= shipped
 
 
+def test_data_files_ship_inside_the_package():
+    """The web page and the training recipes are package data, not only repository files."""
+    assert (PACKAGE / "serve" / "static" / "index.html").is_file()
+    assert len(list((PACKAGE / "training" / "recipes").rglob("*.toml"))) >= 10
+    names = _installed_files()
+    if names is None:
+        pytest.skip("editable install: the wheel's file list is checked by a non-editable install")
+    assert "crcm/serve/static/index.html" in names
+    assert "crcm/training/recipes/causal-rcm/2-tf-scm.toml" in names
+
+
 def test_native_module_is_abi3_with_stub_and_marker():
     assert Path(_native.__file__).name.endswith(".abi3.so")
     assert (PACKAGE / "py.typed").is_file()

@@ -1,0 +1,252 @@
+"""The ``crcm play`` and ``crcm stream`` commands (wired into :mod:`crcm.cli`).
+
+User mistakes raise ``ConfigError``/``OSError``, which ``crcm.cli.main`` turns into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import sys
+from pathlib import Path
+
+from crcm.cli import _positive, _steps
+from crcm.errors import ConfigError
+
+DEFAULT_PLAY_MODELS = ("breakout", "tiny")
+UNTRAINED_NOTE = "UNTRAINED (random weights): frames are noise and ignore the actions"
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.1 <= value <= 240:
+        raise argparse.ArgumentTypeError(f"must be in [0.1, 240], got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _need(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        names = " ".join(missing)
+        raise ConfigError(f"this command needs the packages {names}: pip install {names}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cmd_play(args: argparse.Namespace) -> int:
+    _need("fastapi", "uvicorn", "websockets")
+    from crcm.serve.app import (
+        PlayServer,
+        ServeConfig,
+        bind_socket,
+        create_app,
+        resolve_model,
+        uvicorn_server,
+    )
+
+    config = ServeConfig(
+        max_sessions=args.max_sessions, fps=args.fps, steps=args.steps, seed=args.seed
+    )
+    names = args.model or list(DEFAULT_PLAY_MODELS)
+    server = PlayServer([resolve_model(name) for name in names], config)
+    sock = bind_socket(args.host, args.port)  # fails here, with one line, if the port is taken
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"crcm play: http://{shown}:{port}/", flush=True)
+    for entry in server.models.values():
+        h, w, c = entry.pipeline.frame_shape
+        note = UNTRAINED_NOTE if entry.untrained else "trained"
+        print(f"  model {entry.name}: {h}x{w}x{c}, actions {', '.join(entry.action_names)}; {note}")
+    print(
+        f"  up to {config.max_sessions} players at {config.fps:g} frames/s each; Ctrl+C stops",
+        flush=True,
+    )
+    if not _is_loopback(host):
+        print(
+            f"crcm play: warning: listening on {host}: anyone who can reach this machine can play",
+            file=sys.stderr,
+        )
+    # uvicorn shuts down gracefully on Ctrl+C, then re-raises it: the normal way out.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn_server(create_app(server), config, log_level=args.log_level).run(sockets=[sock])
+    print("crcm play: stopped", flush=True)
+    return 0
+
+
+def add_play_parser(subparsers) -> argparse.ArgumentParser:
+    play = subparsers.add_parser(
+        "play",
+        help="play a world model in the browser (a local web server)",
+        description="Serves a web page that streams a world model's frames and sends your keys "
+        "as its actions. Every browser tab is a session of one shared runtime, so players are "
+        "batched together. Until the shipped Breakout model lands, the default models are "
+        "untrained (random weights), and labelled so.",
+    )
+    play.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME_OR_PATH",
+        help="a shipped model name or pipeline folder; repeat to offer several "
+        f"(default: {', '.join(DEFAULT_PLAY_MODELS)}, untrained)",
+    )
+    play.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    play.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (8000)")
+    play.add_argument("--max-sessions", type=_positive, default=8, help="players at once (8)")
+    play.add_argument("--fps", type=_fps, default=30.0, help="frames/s per player, at most (30)")
+    play.add_argument(
+        "--steps", type=int, choices=range(1, 5), default=1, help="default steps per frame (1)"
+    )
+    play.add_argument("--seed", type=int, help="noise seed of every session (default: random)")
+    play.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+    play.set_defaults(func=_cmd_play)
+    return play
+
+
+def _cond(text: str):
+    """A class id, or a ``.npy`` file of text-encoder tokens ``[text_len, text_dim]``."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if text.endswith(".npy"):
+        import numpy as np
+        import torch
+
+        try:
+            return torch.from_numpy(np.load(text, allow_pickle=False))  # never unpickle
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read condition tokens {text}: {err}") from err
+    raise ConfigError(f"--cond takes a class id or a .npy file of text tokens, got {text!r}")
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    _need("av")
+    from crcm.serve.app import resolve_model
+    from crcm.stream import parse_actions, read_action_file, write_video
+
+    entry = resolve_model(args.model)
+    pipe = entry.pipeline
+    actions = None
+    if args.action_file is not None:
+        actions = read_action_file(args.action_file, pipe)
+    elif args.actions is not None and args.actions != "random":
+        actions = parse_actions(args.actions, pipe)
+    if actions is not None and not pipe.model.cfg.num_actions:
+        raise ConfigError(f"{entry.name!r} takes no actions (it is a video model)")
+    frames = args.frames
+    if frames is None:
+        frames = len(actions) if args.action_file is not None else 120
+    elif args.action_file is not None and frames > len(actions):
+        raise ConfigError(
+            f"{args.action_file} holds {len(actions)} actions; --frames asks for {frames}"
+        )
+    if not args.out.parent.is_dir():
+        raise ConfigError(f"no such folder: {args.out.parent}")
+    result = write_video(
+        pipe,
+        args.out,
+        frames,
+        actions=actions,
+        cond=None if args.cond is None else _cond(args.cond),
+        steps=args.steps,
+        chunk=args.chunk,
+        seed=args.seed,
+        fps=args.fps,
+        scale=args.scale,
+        progress=not args.quiet,
+    )
+    label = f"{entry.name}, UNTRAINED" if entry.untrained else entry.name
+    summary = (
+        f"{result.frames} frames, {result.width}x{result.height}, {result.fps:g} fps, "
+        f"{result.codec} (model {label})"
+    )
+    if result.interrupted:
+        where = f"to {result.path}" if result.frames else "nothing"
+        print(f"crcm stream: interrupted: wrote {where}: {summary}", file=sys.stderr)
+        return 130
+    print(f"wrote {result.path}: {summary}")
+    return 0
+
+
+def add_stream_parser(subparsers) -> argparse.ArgumentParser:
+    stream = subparsers.add_parser(
+        "stream",
+        help="write a rollout of a model to an MP4 file",
+        description="Generates frames with the streaming runtime and encodes them to MP4 as they "
+        "come: the KV cache is a sink + sliding window and frames go straight to the encoder, so "
+        "the length is limited by the disk only. World models follow --actions or "
+        "--action-file (default: seeded random play); video models take --cond.",
+    )
+    stream.add_argument("out", type=Path, metavar="OUT.mp4", help="the video file to write")
+    stream.add_argument(
+        "--model", default="breakout", help="model name or pipeline folder (breakout)"
+    )
+    stream.add_argument("--frames", type=_positive, help="frames to write (120)")
+    acts = stream.add_mutually_exclusive_group()
+    acts.add_argument(
+        "--actions",
+        metavar="SPEC",
+        help='scripted actions, cycled: names or ids with repeats, e.g. "NOOP*8,LEFT*4,FIRE"; '
+        '"random" (the default) holds seeded random actions for 1-8 frames each',
+    )
+    acts.add_argument(
+        "--action-file", type=Path, help="one action (name or id) per frame; # comments"
+    )
+    stream.add_argument("--cond", help="video models: a class id or a .npy of text tokens")
+    stream.add_argument(
+        "--steps", type=_steps, help="denoising steps per chunk, e.g. 2 or 4,2 (the model's)"
+    )
+    stream.add_argument("--chunk", type=_positive, help="frames per chunk (the model's)")
+    stream.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    stream.add_argument("--fps", type=_fps, default=30.0, help="frame rate of the video (30)")
+    stream.add_argument(
+        "--scale", type=_positive, help="integer upscaling (default: shorter side >= 256 px)"
+    )
+    stream.add_argument("--quiet", action="store_true", help="no progress bar")
+    stream.set_defaults(func=_cmd_stream)
+    return stream
+
+
+def main(argv=None) -> int:
+    """``python -m crcm.cli_serve play|stream …``: the two commands on their own, with the error
+    handling of ``crcm.cli.main`` (for tests that start the server as a subprocess)."""
+    from crcm.errors import CrcmError
+
+    parser = argparse.ArgumentParser(prog="crcm")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_play_parser(sub)
+    add_stream_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CrcmError, ValueError, OSError) as err:
+        print(f"crcm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"crcm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,632 @@
+"""The ``crcm play`` server: a FastAPI app whose websocket connections are world-model sessions.
+
+One :class:`crcm.Runtime` per model, shared by every connection and running its step loop in a
+background thread, so concurrent players are batched into the same forwards. Each websocket is
+one :class:`crcm.Session`; three asyncio tasks serve it:
+
+* the **receiver** reads the client's JSON messages (held action, pause, reset, model/steps);
+* the **ticker** pushes the held action once per frame period (``fps``), and at once when the
+  held action changes; it never lets more than ``max_inflight`` actions wait for their frame,
+  so a slow model lowers the frame rate instead of growing the input-to-frame latency;
+* the **sender** pops frames and sends them as binary messages (header + raw uint8 pixels).
+
+Everything that touches the runtime (open, push, pop, close) runs in worker threads: the
+runtime holds its lock for a whole batched forward, and the event loop must keep serving the
+other players meanwhile. Every bound lives in :class:`ServeConfig`.
+
+Frames are raw ``uint8`` rather than PNG: world-model frames are small (64×64×3 = 12 KiB), the
+server is on loopback or a LAN, and raw pixels cost no encoder time on a CPU that is busy
+running the model, and no asynchronous image decode on the page (``putImageData`` draws them
+at once) — both would add to the input-to-frame latency. They are also exact, which the tests
+rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from crcm.errors import BufferClosedError, ConfigError, CrcmError, FrameTimeoutError
+
+log = logging.getLogger("crcm.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# Binary frame message: this little-endian header, then height*width*channels uint8 pixels
+# (row-major, HWC). header_bytes comes first so that the header can grow compatibly.
+#   u16 header_bytes, u8 channels, u8 action, u16 height, u16 width,
+#   u32 frame index, u32 input_seq (the last client "action" message this frame reflects),
+#   u32 latency_us (server side: the action's push to the frame's send)
+FRAME_HEADER = struct.Struct("<HBBHHIII")
+
+# Websocket close codes (RFC 6455 §7.4.1).
+CLOSE_UNSUPPORTED = 1003  # binary message from the client
+CLOSE_POLICY = 1008  # malformed or unknown message, bad origin, too many messages
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_LATER = 1013  # server full
+
+# Untrained fallbacks for the names that will become shipped models (see resolve_model).
+UNTRAINED_CONFIGS: dict[str, tuple[str, ...]] = {
+    "breakout": ("NOOP", "FIRE", "RIGHT", "LEFT"),
+    "tiny": (),
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Bounds and defaults of a play server."""
+
+    max_sessions: int = 8  # open websocket sessions over all models; more are refused (1013)
+    fps: float = 30.0  # frames per second each player is driven at (at most)
+    steps: int = 1  # default denoising steps per frame
+    max_steps: int = 4
+    max_message_bytes: int = 1024  # client messages are tiny JSON objects
+    max_messages_per_s: int = 200  # a client sending more is closed (key repeat is ~30/s)
+    max_inflight: int | None = None  # actions waiting for their frame (default: 2 chunks)
+    seed: int | None = None  # every session's noise seed (reproducible play); None: random
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if not 0.1 <= self.fps <= 240:
+            raise ConfigError(f"fps must be in [0.1, 240], got {self.fps}")
+        if not 1 <= self.steps <= self.max_steps <= 4:
+            raise ConfigError(f"steps must be in [1, {self.max_steps}], got {self.steps}")
+        if self.max_message_bytes < 64 or self.max_messages_per_s < 1:
+            raise ConfigError("max_message_bytes must be >= 64 and max_messages_per_s >= 1")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
+
+
+@dataclass
+class ModelEntry:
+    """A playable model: its pipeline, how to label it, and (once served) its runtime."""
+
+    name: str
+    pipeline: Any  # crcm.Pipeline (imported lazily: torch is heavy)
+    untrained: bool = False
+    runtime: Any = None
+
+    @property
+    def action_names(self) -> list[str]:
+        names = list(self.pipeline.action_names)
+        return names or [f"action {i}" for i in range(self.pipeline.model.cfg.num_actions)]
+
+    @property
+    def idle_action(self) -> int:
+        """The action sent while no key is held: the one named NOOP, else action 0."""
+        lowered = [n.lower() for n in self.pipeline.action_names]
+        return lowered.index("noop") if "noop" in lowered else 0
+
+    def describe(self) -> dict[str, Any]:
+        h, w, c = self.pipeline.frame_shape
+        return {
+            "name": self.name,
+            "untrained": self.untrained,
+            "label": f"{self.name} (UNTRAINED: random weights)" if self.untrained else self.name,
+            "action_names": self.action_names,
+            "idle_action": self.idle_action,
+            "frame_shape": [h, w, c],
+            "chunk_frames": self.pipeline.sampler.chunk_frames,
+        }
+
+
+def resolve_model(name_or_path: str) -> ModelEntry:
+    """A pipeline folder or shipped model via :func:`crcm.load`; until the shipped Breakout
+    model exists, ``breakout`` and ``tiny`` fall back to untrained pipelines of those configs
+    (labelled as such everywhere they are shown)."""
+    from crcm.pipeline import Pipeline, load, shipped_models
+
+    is_folder = (Path(name_or_path) / "crcm.json").is_file()
+    if not is_folder and name_or_path not in shipped_models() and name_or_path in UNTRAINED_CONFIGS:
+        pipe = Pipeline.from_config(
+            name_or_path, action_names=UNTRAINED_CONFIGS[name_or_path], name=name_or_path
+        )
+        return ModelEntry(name_or_path, pipe, untrained=True)
+    pipe = load(name_or_path)
+    name = Path(name_or_path).name if is_folder else name_or_path
+    return ModelEntry(name or pipe.name, pipe)
+
+
+class PlayServer:
+    """The models, their runtimes, the worker threads and the session count of one server."""
+
+    def __init__(self, models: Sequence[ModelEntry], config: ServeConfig | None = None) -> None:
+        from crcm.runtime import Runtime
+
+        self.config = config or ServeConfig()
+        if not models:
+            raise ConfigError("no model to serve")
+        self.models: dict[str, ModelEntry] = {}
+        for entry in models:
+            if entry.name in self.models:
+                raise ConfigError(f"two models are named {entry.name!r}")
+            if not entry.pipeline.model.cfg.num_actions:
+                raise ConfigError(
+                    f"{entry.name!r} takes no actions: crcm play needs a world model "
+                    "(use crcm stream to write a video model's output)"
+                )
+            if entry.runtime is None:
+                entry.runtime = Runtime(entry.pipeline, max_streams=self.config.max_sessions)
+            self.models[entry.name] = entry
+        self.default_model = next(iter(self.models))
+        self.active = 0  # open sessions; only the event loop thread changes it
+        self.sessions_served = 0
+        self._pop_pool: ThreadPoolExecutor | None = None
+        self._ctl_pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        n = self.config.max_sessions
+        # A pop blocks (up to a short timeout) in Rust with the GIL released: one worker per
+        # session so that a waiting stream never delays another's frames.
+        self._pop_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="crcm-pop")
+        # open/push/close wait for the runtime lock (held for one batched forward); they
+        # serialise on it anyway, so a few workers are enough.
+        self._ctl_pool = ThreadPoolExecutor(max_workers=min(n, 4), thread_name_prefix="crcm-ctl")
+        for entry in self.models.values():
+            entry.runtime.start()
+
+    def stop(self) -> None:
+        for entry in self.models.values():
+            entry.runtime.close()  # closes every session: pending pops return at once
+        for pool in (self._pop_pool, self._ctl_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    async def ctl(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._ctl_pool, fn, *args)
+
+    async def pop(self, session):
+        return await asyncio.get_running_loop().run_in_executor(self._pop_pool, _pop, session)
+
+    def info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "models": [m.describe() for m in self.models.values()],
+            "default_model": self.default_model,
+            "sessions": self.active,
+            "sessions_served": self.sessions_served,
+            "limits": {
+                "max_sessions": c.max_sessions,
+                "max_message_bytes": c.max_message_bytes,
+                "max_messages_per_s": c.max_messages_per_s,
+                "max_steps": c.max_steps,
+            },
+            "fps": c.fps,
+            "runtimes": {
+                name: {**m.runtime.stats(), "running": m.runtime.running}
+                for name, m in self.models.items()
+            },
+        }
+
+
+_TIMEOUT = object()  # a pop that waited and got nothing (the session is alive)
+
+
+def _pop(session):
+    try:
+        return session.pop(timeout=0.2)
+    except FrameTimeoutError:
+        return _TIMEOUT
+    except BufferClosedError:
+        return None
+
+
+class BadMessage(Exception):
+    """A client message that ends its session (close code, reason)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class _Stream:
+    """The current session of a connection and what its frames answer."""
+
+    session: Any
+    entry: ModelEntry
+    steps: int
+    opened_at: float
+    pushed: int = 0  # actions pushed so far (frame k answers action k)
+    received: int = 0  # 1 + index of the last frame sent
+    meta: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # index → action…
+
+
+class Connection:
+    """One websocket: a session, and the receiver / ticker / sender tasks around it."""
+
+    def __init__(self, server: PlayServer, ws) -> None:
+        self.server = server
+        self.ws = ws
+        self.config = server.config
+        self.stream: _Stream | None = None
+        self.action = 0  # the held action
+        self.seq = 0  # the client's seq of the message that set it
+        self.paused = False
+        self.wake = asyncio.Event()  # wakes the ticker early
+        self.changed = False  # the held action, pause or session changed: push at once
+        self.owed = False  # a tick found no room: push as soon as a frame arrives
+        self.lock = asyncio.Lock()  # one open/push/close of this connection at a time
+        self.send_lock = asyncio.Lock()
+        self.recent: deque[float] = deque()  # arrival times of the last second's messages
+
+    # -- session ---------------------------------------------------------------------------------
+
+    async def open(self, model: str, steps: int) -> None:
+        """(Re)opens the session: a reset is a close + open (the runtime has no reset)."""
+        entry = self.server.models[model]
+        seed = self.config.seed if self.config.seed is not None else secrets.randbits(62)
+        async with self.lock:
+            await self._close_stream()
+            rt = entry.runtime
+            session = await self.server.ctl(
+                lambda: rt.open(
+                    steps=steps,
+                    seed=seed,
+                    # Pacing is the ticker's (one push per period): a paced buffer would
+                    # hold back the frame answering an early push made for a key press.
+                    target_fps=None,
+                    buffer_frames=4 * self._inflight(entry),
+                    backpressure="drop_oldest",
+                )
+            )
+            self.stream = _Stream(session, entry, steps, time.perf_counter())
+            self.action, self.seq = entry.idle_action, 0
+        await self.send_json({"type": "session", "model": entry.describe(), "steps": steps})
+        self.changed = True
+        self.wake.set()
+
+    def _inflight(self, entry: ModelEntry) -> int:
+        if self.config.max_inflight is not None:
+            return max(self.config.max_inflight, entry.pipeline.sampler.chunk_frames)
+        return 2 * entry.pipeline.sampler.chunk_frames
+
+    async def _close_stream(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await self.server.ctl(stream.session.close)  # its KV pages return to the pool
+
+    async def close(self) -> None:
+        async with self.lock:
+            await self._close_stream()
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    async def run(self, model: str, steps: int) -> None:
+        await self.open(model, steps)
+        tasks = [
+            asyncio.create_task(self.receiver(), name="receiver"),
+            asyncio.create_task(self.ticker(), name="ticker"),
+            asyncio.create_task(self.sender(), name="sender"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def receiver(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.handle(message)
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.recent.append(now)
+        while self.recent and self.recent[0] < now - 1.0:
+            self.recent.popleft()
+        if len(self.recent) > self.config.max_messages_per_s:
+            raise BadMessage(CLOSE_POLICY, f"more than {self.config.max_messages_per_s} msg/s")
+        text = message.get("text")
+        if text is None:
+            raise BadMessage(CLOSE_UNSUPPORTED, "send JSON text messages, not binary")
+        # Checked here as well as by the server's ws_max_size, which not every server has.
+        if len(text) > self.config.max_message_bytes:
+            raise BadMessage(CLOSE_TOO_BIG, f"message over {self.config.max_message_bytes} bytes")
+        try:
+            msg = json.loads(text)
+        except json.JSONDecodeError:
+            raise BadMessage(CLOSE_POLICY, "message is not JSON") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise BadMessage(CLOSE_POLICY, 'message must be a JSON object with a "type"')
+        kind = msg["type"]
+        if kind == "action":
+            await self.on_action(msg)
+        elif kind == "pause":
+            paused = msg.get("paused")
+            if not isinstance(paused, bool):
+                raise BadMessage(CLOSE_POLICY, '"pause" needs "paused": true or false')
+            self.paused = paused
+            self.changed = True
+            self.wake.set()
+        elif kind == "reset":
+            await self.open(self.stream.entry.name, self.stream.steps)
+        elif kind == "config":
+            model = msg.get("model", self.stream.entry.name)
+            steps = msg.get("steps", self.stream.steps)
+            self.check_choice(model, steps)
+            await self.open(model, steps)
+        else:
+            raise BadMessage(CLOSE_POLICY, f"unknown message type {kind[:40]!r}")
+
+    async def on_action(self, msg: dict[str, Any]) -> None:
+        stream = self.stream
+        action, seq = msg.get("action"), msg.get("seq", 0)
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**32:
+            raise BadMessage(CLOSE_POLICY, '"seq" must be an integer in [0, 2**32)')
+        try:
+            if isinstance(action, str) and not stream.entry.pipeline.action_names:
+                action = stream.entry.action_names.index(action)  # "action 2" on a nameless one
+            action = stream.entry.pipeline.action_id(action)
+        except (ConfigError, ValueError) as err:
+            raise BadMessage(CLOSE_POLICY, str(err)[:120]) from None
+        if (action, seq) != (self.action, self.seq):
+            self.action, self.seq = action, seq
+            self.changed = True
+            self.wake.set()
+
+    def check_choice(self, model: object, steps: object) -> None:
+        if not isinstance(model, str) or model not in self.server.models:
+            raise BadMessage(CLOSE_POLICY, f"unknown model; known: {list(self.server.models)}")
+        max_steps = self.config.max_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= max_steps:
+            raise BadMessage(CLOSE_POLICY, f'"steps" must be an integer in [1, {max_steps}]')
+
+    async def ticker(self) -> None:
+        period = 1.0 / self.config.fps
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.0, due - loop.time()))
+            self.wake.clear()
+            now = loop.time()
+            if not (self.changed or self.owed or now >= due):
+                continue
+            if self.paused:
+                self.changed = self.owed = False
+                due = now + period
+            elif await self.push():
+                # A changed input goes out at once, and the next tick is a full period later
+                # (no burst after a stall, and a key press never waits for the frame clock).
+                self.changed = self.owed = False
+                due = now + period
+            else:
+                # The model is behind: push when its next frame makes room (the sender wakes
+                # us) rather than queueing actions, which would only grow the latency.
+                self.owed = True
+                due = now + period
+
+    async def push(self) -> bool:
+        async with self.lock:
+            stream = self.stream
+            if stream is None or stream.pushed - stream.received >= self._inflight(stream.entry):
+                return False
+            action, seq = self.action, self.seq
+            await self.server.ctl(stream.session.push_actions, [action])
+            stream.meta[stream.pushed] = (action, seq, time.perf_counter())
+            stream.pushed += 1
+            return True
+
+    async def sender(self) -> None:
+        while True:
+            stream = self.stream
+            if stream is None:
+                await asyncio.sleep(0.01)
+                continue
+            item = await self.server.pop(stream.session)
+            if item is _TIMEOUT or self.stream is not stream:
+                continue  # nothing yet, or a frame of a session that was reset: drop it
+            if item is None:  # closed by a reset, or by the server shutting down
+                if not stream.entry.runtime.running:
+                    raise BadMessage(CLOSE_INTERNAL, "the runtime stopped")
+                await asyncio.sleep(0.01)
+                continue
+            frame, index, _ = item
+            # Indices below `index` were dropped (drop_oldest) or already sent: forget them.
+            for k in [k for k in stream.meta if k < index]:
+                del stream.meta[k]
+            action, seq, pushed_at = stream.meta.pop(index, (self.action, 0, time.perf_counter()))
+            stream.received = max(stream.received, index + 1)
+            if self.owed:
+                self.wake.set()  # room for the action the ticker could not push
+            await self.send_frame(
+                stream, frame, index, action, seq, time.perf_counter() - pushed_at
+            )
+
+    async def send_frame(self, stream, frame: np.ndarray, index, action, seq, latency_s) -> None:
+        h, w, c = frame.shape
+        header = FRAME_HEADER.pack(
+            FRAME_HEADER.size,
+            c,
+            action,
+            h,
+            w,
+            index & 0xFFFFFFFF,
+            seq,
+            min(int(latency_s * 1e6), 0xFFFFFFFF),
+        )
+        async with self.send_lock:
+            # Checked under the lock: a reset's "session" message may have gone out while this
+            # frame waited, and the page must never see an old session's frame after it.
+            if self.stream is stream:
+                await self.ws.send_bytes(header + np.ascontiguousarray(frame).tobytes())
+
+    async def send_json(self, obj: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps(obj))
+
+
+def decode_frame(data: bytes) -> tuple[dict[str, int], np.ndarray]:
+    """A binary frame message back to ``(header fields, uint8 [H, W, C])`` (tests, clients)."""
+    size, c, action, h, w, index, seq, latency_us = FRAME_HEADER.unpack_from(data)
+    pixels = np.frombuffer(data, np.uint8, count=h * w * c, offset=size).reshape(h, w, c)
+    fields = {"index": index, "action": action, "input_seq": seq, "latency_us": latency_us}
+    return fields, pixels
+
+
+def create_app(server: PlayServer) -> Any:
+    """The FastAPI app: ``GET /`` (the page), ``/static/*``, ``GET /api/info``, ``WS /ws``.
+
+    The app's lifespan starts the server's runtimes and stops them (closing every session).
+    """
+    from fastapi import FastAPI, WebSocket
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.websockets import WebSocketDisconnect
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="crcm play", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/info")
+    async def info() -> JSONResponse:
+        return JSONResponse(server.info())
+
+    async def play(ws: WebSocket) -> None:
+        # Browsers let any page open a websocket to 127.0.0.1: only this server's own page
+        # (same host:port) may, while non-browser clients (no Origin header) are accepted.
+        origin = ws.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != ws.headers.get("host"):
+            await ws.close(code=CLOSE_POLICY, reason="cross-origin connection refused")
+            return
+        await ws.accept()
+        if server.active >= server.config.max_sessions:
+            await _refuse(ws, CLOSE_TRY_LATER, "busy", "the server is full; try again later")
+            return
+        server.active += 1
+        server.sessions_served += 1
+        conn = Connection(server, ws)
+        try:
+            model = ws.query_params.get("model", server.default_model)
+            steps_text = ws.query_params.get("steps", str(server.config.steps))
+            steps = int(steps_text) if steps_text.isdigit() else -1
+            conn.check_choice(model, steps)
+            await ws.send_text(json.dumps({"type": "hello", **server.info()}))
+            await conn.run(model, steps)
+        except BadMessage as err:
+            await _refuse(ws, err.code, "bad_message", err.reason)
+        except CrcmError as err:  # e.g. PagesExhaustedError from open
+            await _refuse(ws, CLOSE_TRY_LATER, "runtime", str(err))
+        except (WebSocketDisconnect, OSError, RuntimeError) as err:
+            log.debug("websocket ended: %r", err)  # the client went away mid-send
+        finally:
+            await conn.close()
+            server.active -= 1
+
+    # A plain Starlette route: the handler reads its own query parameters, and FastAPI's
+    # parameter injection (which would need the annotation resolvable at module level) is moot.
+    app.router.add_websocket_route("/ws", play)
+    return app
+
+
+async def _refuse(ws, code: int, kind: str, message: str) -> None:
+    """Tells the client why (a JSON error), then closes with ``code``; the client may be gone."""
+    with contextlib.suppress(Exception):
+        await ws.send_text(json.dumps({"type": "error", "code": kind, "message": message}))
+        await ws.close(code=code, reason=message[:120])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds before the server starts, so that port 0 resolves to a known free port and the
+    printed URL accepts connections at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)  # connections made before uvicorn is up wait in the backlog
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def uvicorn_server(app: Any, config: ServeConfig, log_level: str = "warning") -> Any:
+    import uvicorn
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            ws_max_size=config.max_message_bytes,  # larger client messages close with 1009
+            ws_ping_interval=10.0,  # a vanished client is noticed, and its pages freed
+            ws_ping_timeout=20.0,
+            timeout_graceful_shutdown=3,
+        )
+    )
+
+
+class ServerThread:
+    """Runs the app with uvicorn in a background thread (tests, benchmarks)::
+
+    with ServerThread(create_app(server), server.config) as srv:
+        url = srv.url
+    """
+
+    def __init__(self, app: Any, config: ServeConfig, host: str = "127.0.0.1", port: int = 0):
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn_server(app, config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the play server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,66 @@
+"""Shared set-up of the play-server tests (imported by them; pytest puts this folder on
+sys.path): small world models whose frames follow the actions, and a real uvicorn server on a
+free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+import torch
+
+from crcm.pipeline import Pipeline
+from crcm.serve.app import ModelEntry, PlayServer, ServeConfig, ServerThread, create_app
+
+ACTIONS = ("NOOP", "FIRE", "RIGHT", "LEFT")
+
+
+def responsive_pipeline(name: str = "tiny", seed: int = 0) -> Pipeline:
+    """The tiny config with its zero-initialised action table and output head randomised.
+
+    An untrained model's zero head ignores the actions (every frame is the decoded noise); with
+    these two layers random, a frame changes when its action does, which is what the tests of
+    "pressing a key changes the frames" need — no training required.
+    """
+    pipe = Pipeline.from_config("tiny", action_names=ACTIONS, name=name)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model = pipe.model
+        for param, std in ((model.action_embedding.weight, 1.0), (model.head.head.weight, 0.3)):
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return pipe
+
+
+@contextlib.contextmanager
+def play_server(models=("tiny",), **config):
+    """A started server (runtimes running) on 127.0.0.1:<free port>; stopped on exit."""
+    entries = [ModelEntry(name, responsive_pipeline(name)) for name in models]
+    server = PlayServer(entries, ServeConfig(**config))
+    with ServerThread(create_app(server), server.config) as srv:
+        srv.play = server
+        yield srv
+
+
+def ws_url(srv, **query) -> str:
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"ws://127.0.0.1:{srv.port}/ws" + (f"?{q}" if q else "")
+
+
+def recv_json(ws, kind: str, timeout: float = 10.0) -> dict:
+    """The next JSON message of type ``kind``, skipping frames."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, str):
+            obj = json.loads(msg)
+            if obj["type"] == kind:
+                return obj
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

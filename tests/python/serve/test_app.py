@@ -1,0 +1,291 @@
+"""The play server's websocket protocol against a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("websockets")
+
+from play_helpers import play_server, recv_json, responsive_pipeline, wait_until, ws_url
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from crcm.errors import ConfigError
+from crcm.serve.app import (
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_LATER,
+    CLOSE_UNSUPPORTED,
+    FRAME_HEADER,
+    ModelEntry,
+    PlayServer,
+    decode_frame,
+    resolve_model,
+)
+
+MAX_SESSIONS = 3
+MAX_RATE = 60
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with play_server(
+        ("tiny", "tiny-b"), max_sessions=MAX_SESSIONS, fps=60, seed=0, max_messages_per_s=MAX_RATE
+    ) as server:
+        yield server
+
+
+def _connect(srv, **query):
+    return connect(ws_url(srv, **query), open_timeout=10, close_timeout=5)
+
+
+def _frames(ws, n: int, timeout: float = 20.0) -> list[tuple[dict, object]]:
+    """The next ``n`` frames (header fields, pixels), skipping JSON messages."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, bytes):
+            out.append(decode_frame(msg))
+    return out
+
+
+def _closed_with(ws, timeout: float = 10.0) -> tuple[int, dict | None]:
+    """Reads until the server closes: (close code, the error message it sent before)."""
+    error = None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, str) and json.loads(msg)["type"] == "error":
+                error = json.loads(msg)
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else None, error
+    raise AssertionError("the server did not close the connection")
+
+
+def _idle(srv) -> None:
+    """Every session is gone and its pages are back in the pool."""
+
+    def idle():
+        stats = [m.runtime.stats() for m in srv.play.models.values()]
+        return srv.play.active == 0 and all(
+            s["streams"] == 0 and s["pages_used"] == 0 for s in stats
+        )
+
+    wait_until(idle, what="sessions to close and pages to return")
+
+
+def test_hello_session_and_frames(srv):
+    with _connect(srv) as ws:
+        hello = recv_json(ws, "hello")
+        assert [m["name"] for m in hello["models"]] == ["tiny", "tiny-b"]
+        assert hello["limits"]["max_sessions"] == MAX_SESSIONS
+        session = recv_json(ws, "session")
+        assert session["model"]["action_names"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
+        assert session["model"]["untrained"] is False and session["steps"] == 1
+        frames = _frames(ws, 6)
+    indices = [f["index"] for f, _ in frames]
+    assert indices == sorted(indices) and len(set(indices)) == 6
+    for fields, pixels in frames:
+        assert pixels.shape == (16, 16, 1) and pixels.dtype.name == "uint8"
+        assert fields["action"] == 0 and fields["input_seq"] == 0  # NOOP while no key is held
+    _idle(srv)
+
+
+def _play(srv, press_at: int | None, n: int = 12) -> dict[int, tuple[dict, bytes]]:
+    """Frames 0..n-1 of a fresh session (same seed), pressing LEFT once `press_at` arrived."""
+    got: dict[int, tuple[dict, bytes]] = {}
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        while len(got) < n:
+            [(fields, pixels)] = _frames(ws, 1)
+            got[fields["index"]] = (fields, pixels.tobytes())
+            if press_at is not None and fields["index"] == press_at:
+                ws.send(json.dumps({"type": "action", "action": "LEFT", "seq": 1}))
+    _idle(srv)
+    return got
+
+
+def test_pressing_a_key_changes_the_frames(srv):
+    plain = _play(srv, None)
+    pressed = _play(srv, press_at=2)
+    first = min(i for i, (f, _) in pressed.items() if f["action"] == 3)
+    assert pressed[first][0]["input_seq"] == 1
+    assert all(pressed[i][0]["action"] == 3 for i in pressed if i >= first)
+    # Same seed, same actions: the same frames; from the first LEFT on, different ones.
+    for i in range(first):
+        assert pressed[i][1] == plain[i][1], f"frame {i} before the key press differs"
+    assert pressed[first][1] != plain[first][1], "the key press did not change the frame"
+
+
+def test_pause_stops_frames_and_reset_restarts(srv):
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        _frames(ws, 3)
+        ws.send(json.dumps({"type": "pause", "paused": True}))
+        # Only the actions already pushed (at most 2 frame-wise) still become frames; at 60
+        # frames/s an ignored pause would send dozens in the 1.5 s of quiet waited for here.
+        late = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                late += isinstance(ws.recv(timeout=1.5), bytes)
+        assert late <= 2
+        ws.send(json.dumps({"type": "pause", "paused": False}))
+        assert _frames(ws, 2)[-1][0]["index"] >= 3
+        ws.send(json.dumps({"type": "reset"}))
+        recv_json(ws, "session")
+        assert _frames(ws, 1)[0][0]["index"] == 0  # a new session
+    _idle(srv)
+
+
+def test_config_switches_model_and_steps(srv):
+    with _connect(srv, model="tiny-b") as ws:
+        assert recv_json(ws, "session")["model"]["name"] == "tiny-b"
+        _frames(ws, 2)
+        ws.send(json.dumps({"type": "config", "model": "tiny", "steps": 3}))
+        session = recv_json(ws, "session")
+        assert (session["model"]["name"], session["steps"]) == ("tiny", 3)
+        assert _frames(ws, 2)[0][0]["index"] == 0
+    _idle(srv)
+
+
+BAD_MESSAGES = {
+    "not json": ("{nope", CLOSE_POLICY),
+    "not an object": ("[1, 2]", CLOSE_POLICY),
+    "no type": ('{"action": 1}', CLOSE_POLICY),
+    "unknown type": ('{"type": "teleport"}', CLOSE_POLICY),
+    "unknown action": ('{"type": "action", "action": "JUMP", "seq": 1}', CLOSE_POLICY),
+    "action out of range": ('{"type": "action", "action": 9, "seq": 1}', CLOSE_POLICY),
+    "bool action": ('{"type": "action", "action": true, "seq": 1}', CLOSE_POLICY),
+    "bad seq": ('{"type": "action", "action": 1, "seq": -1}', CLOSE_POLICY),
+    "bad pause": ('{"type": "pause", "paused": "yes"}', CLOSE_POLICY),
+    "unknown model": ('{"type": "config", "model": "nope"}', CLOSE_POLICY),
+    "bad steps": ('{"type": "config", "steps": 9}', CLOSE_POLICY),
+    "binary": (b"\x00\x01", CLOSE_UNSUPPORTED),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MESSAGES))
+def test_bad_message_closes_that_session_only(srv, name):
+    message, code = BAD_MESSAGES[name]
+    with _connect(srv) as good, _connect(srv) as bad:
+        recv_json(bad, "session")
+        bad.send(message)
+        closed_code, error = _closed_with(bad)
+        assert closed_code == code
+        assert error is not None and error["code"] == "bad_message" and error["message"]
+        _frames(good, 2)  # the other player goes on
+    _idle(srv)
+
+
+def test_bad_query_is_refused(srv):
+    with _connect(srv, steps=7) as ws:
+        assert _closed_with(ws)[0] == CLOSE_POLICY
+    _idle(srv)
+
+
+def test_oversized_message_is_refused(srv):
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        ws.send(json.dumps({"type": "action", "action": 1, "seq": 1, "pad": "x" * 5000}))
+        assert _closed_with(ws)[0] == CLOSE_TOO_BIG
+    _idle(srv)
+
+
+def test_message_flood_is_refused(srv):
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        with contextlib.suppress(ConnectionClosed):  # the server may close mid-flood
+            for seq in range(MAX_RATE + 20):
+                ws.send(json.dumps({"type": "action", "action": seq % 4, "seq": seq}))
+        code, error = _closed_with(ws)
+        assert code == CLOSE_POLICY and "msg/s" in error["message"]
+    _idle(srv)
+
+
+def test_session_limit(srv):
+    with contextlib.ExitStack() as stack:
+        players = [stack.enter_context(_connect(srv)) for _ in range(MAX_SESSIONS)]
+        for ws in players:
+            recv_json(ws, "session")
+        with _connect(srv) as extra:
+            code, error = _closed_with(extra)
+            assert code == CLOSE_TRY_LATER and error["code"] == "busy"
+        players[0].close()
+        wait_until(lambda: srv.play.active < MAX_SESSIONS, what="a free seat")
+        with _connect(srv) as late:
+            recv_json(late, "session")
+            _frames(late, 1)
+    _idle(srv)
+
+
+def test_abrupt_disconnect_frees_pages(srv):
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        _frames(ws, 3)
+        stats = srv.play.models["tiny"].runtime.stats()
+        assert stats["streams"] == 1 and stats["pages_used"] > 0
+        ws.socket.close()  # no closing handshake: the TCP connection just goes away
+        _idle(srv)
+    with _connect(srv) as ws2:  # and the server is still up
+        _frames(ws2, 1)
+    _idle(srv)
+
+
+def test_cross_origin_websocket_is_refused(srv):
+    with pytest.raises(InvalidStatus):
+        connect(ws_url(srv), origin="http://evil.example", open_timeout=10).close()
+    with connect(
+        ws_url(srv), origin=f"http://127.0.0.1:{srv.port}", open_timeout=10, close_timeout=5
+    ) as ws:
+        recv_json(ws, "session")
+    _idle(srv)
+
+
+def test_page_static_and_info(srv):
+    def get(path):
+        with urllib.request.urlopen(f"{srv.url}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+
+    status, html = get("")
+    assert status == 200 and "<canvas" in html and "/static/play.js" in html
+    status, js = get("static/play.js")
+    assert status == 200 and "new WebSocket" in js
+    status, text = get("api/info")
+    info = json.loads(text)
+    assert info["limits"]["max_message_bytes"] == 1024
+    assert all(r["running"] for r in info["runtimes"].values())
+
+
+def test_frame_header_layout():
+    assert FRAME_HEADER.size == 20  # documented in docs/play.md and parsed by play.js
+
+
+def test_untrained_fallback_is_labelled():
+    entry = resolve_model("tiny")
+    assert entry.untrained and "UNTRAINED" in entry.describe()["label"]
+    assert entry.action_names == ["action 0", "action 1", "action 2", "action 3"]
+    with pytest.raises(ConfigError, match="neither a pipeline folder"):
+        resolve_model("no-such-model")
+
+
+def test_video_models_are_refused():
+    import dataclasses
+
+    from crcm.models import get_config
+    from crcm.pipeline import Pipeline
+
+    video = Pipeline.from_config(dataclasses.replace(get_config("tiny"), num_actions=0))
+    with pytest.raises(ConfigError, match="crcm stream"):
+        PlayServer([ModelEntry("video", video)])
+    pipe = responsive_pipeline()
+    with pytest.raises(ConfigError, match="two models"):
+        PlayServer([ModelEntry("a", pipe), ModelEntry("a", pipe)])
