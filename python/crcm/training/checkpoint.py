@@ -11,6 +11,11 @@ A checkpoint is a folder ``<run>/checkpoints/step-00001234/`` holding
 It is written to a temporary folder and renamed into place, then ``latest`` (a text file with the
 folder's name) is replaced atomically: a crash at any point leaves the previous checkpoint whole.
 Nothing is ever unpickled.
+
+Multi-process runs (FSDP2, :mod:`crcm.training.distributed`) write the same format: every rank
+calls :func:`save_checkpoint` (sharded tensors are gathered, a collective), rank 0 writes. Every
+rank calls :func:`load_checkpoint`, reads the full tensors and keeps its own shard. A checkpoint
+therefore resumes on any number of processes. The RNG states saved are rank 0's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from crcm.errors import ConfigError
+from crcm.training import distributed as dist_utils
 
 __all__ = ["TrainingState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -40,7 +46,11 @@ class TrainingState:
 
 
 def _module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    # full_tensor gathers FSDP shards (every rank, same order); plain tensors pass through.
+    return {
+        k: dist_utils.full_tensor(v.detach()).contiguous().cpu()
+        for k, v in module.state_dict().items()
+    }
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -49,7 +59,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, state in sd["state"].items():
         for key, value in state.items():
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = t.detach().contiguous().cpu()
+            t = dist_utils.full_tensor(t.detach())
+            tensors[f"state.{idx}.{key}"] = t.contiguous().cpu()
     return tensors, json.dumps(sd["param_groups"])
 
 
@@ -69,17 +80,35 @@ def save_checkpoint(
     extra: dict[str, object] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Writes the checkpoint of ``step``; keeps the newest ``keep`` checkpoints."""
+    """Writes the checkpoint of ``step``; keeps the newest ``keep`` checkpoints.
+
+    With a process group, every rank must call it; rank 0 writes, the others wait for it."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
+    module_tensors = {key: _module_tensors(m) for key, m in modules.items()}
+    optimizer_tensors = {key: _optimizer_tensors(opt) for key, opt in optimizers.items()}
+    if dist_utils.rank() == 0:
+        _write(root, name, step, module_tensors, optimizer_tensors, extra, keep)
+    dist_utils.barrier()  # nobody reads `latest` before it names this checkpoint
+    return root / name
+
+
+def _write(
+    root: Path,
+    name: str,
+    step: int,
+    module_tensors: dict[str, dict[str, torch.Tensor]],
+    optimizer_tensors: dict[str, tuple[dict[str, torch.Tensor], str]],
+    extra: dict[str, object] | None,
+    keep: int,
+) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for key, module in modules.items():
-        save_file(_module_tensors(module), tmp / f"{key}.safetensors")
-    for key, opt in optimizers.items():
-        tensors, groups = _optimizer_tensors(opt)
+    for key, tensors in module_tensors.items():
+        save_file(tensors, tmp / f"{key}.safetensors")
+    for key, (tensors, groups) in optimizer_tensors.items():
         save_file(tensors, tmp / f"{key}.optim.safetensors", metadata={"param_groups": groups})
     meta = {
         "step": str(step),
@@ -95,7 +124,6 @@ def save_checkpoint(
     os.replace(pointer, root / "latest")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -150,7 +178,8 @@ def _load_module(path: Path, module: torch.nn.Module) -> None:
             f"{path.name} does not match the module: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, mis-shaped {shapes[:5]}"
         )
-    module.load_state_dict(tensors)
+    # Each rank keeps its shard of a sharded (FSDP) module; plain modules take the tensors.
+    module.load_state_dict({k: dist_utils.like(v, expected[k]) for k, v in tensors.items()})
 
 
 def _load_optimizer(path: Path, opt: torch.optim.Optimizer) -> None:
@@ -160,6 +189,13 @@ def _load_optimizer(path: Path, opt: torch.optim.Optimizer) -> None:
         for key in _keys(f):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+    # Moments of sharded parameters are sharded like them ("step" is a plain scalar).
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for idx, entry in state.items():
+        if idx < len(params):
+            for name, value in entry.items():
+                if name != "step" and value.shape == params[idx].shape:
+                    entry[name] = dist_utils.like(value, params[idx])
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -82,7 +82,16 @@ class TrainConfig:
     cache_update: bool = True
     replay: bool = False
     dmd_weight: float = 0.01  # λ of joint rCM
+    # scale: the global batch is cut into micro-batches of `micro_batch_size` samples (default:
+    # one per process); micro-batch i draws its noise from (seed, step, i) and ranks take
+    # contiguous micro-batches, so a fixed micro_batch_size gives the same run on any number of
+    # processes (up to float reduction order). Gradients are averaged over micro-batches.
+    micro_batch_size: int | None = None
+    # "bf16": autocast forwards in bfloat16, fp32 master weights and optimizer state.
+    # None: bf16 on CUDA, fp32 on CPU.
+    precision: Literal["fp32", "bf16"] | None = None
     # bookkeeping
+    sample_every: int = 0  # write an EMA sample video every N steps (0 = never)
     checkpoint_every: int = 100
     log_every: int = 10
     keep_checkpoints: int = 2
@@ -107,6 +116,17 @@ class TrainConfig:
         need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
         need(1 <= self.max_steps <= 4, "max_steps must be between 1 and 4")
+        need(
+            self.precision in (None, "fp32", "bf16"),
+            f'precision must be "fp32" or "bf16", got {self.precision!r}',
+        )
+        need(self.sample_every >= 0, "sample_every must be >= 0 (0 = no samples)")
+        if self.micro_batch_size is not None:
+            need(
+                self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
+                f"micro_batch_size={self.micro_batch_size} must divide batch_size="
+                f"{self.batch_size}",
+            )
         if self.stage in DISTILLATION:
             need(self.teacher is not None, f"stage {self.stage} needs a teacher")
         if self.betas is not None:

@@ -6,13 +6,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from crcm.errors import ConfigError
 from crcm.pipeline import load
 from crcm.training.config import STAGES, load_config
-from crcm.training.trainer import train
+from crcm.training.data import Batch
+from crcm.training.trainer import micro_batches, noise_seed, resolve_precision, train
 
 BASE = ["data.frames=2", "batch_size=2", "log_every=1", "checkpoint_every=2", "lr=1e-3"]
 
@@ -56,13 +58,65 @@ def test_every_distillation_stage_runs_from_the_teacher(tmp_path, teacher, stage
         f'teacher="{teacher}"',
         "fake_score_updates=1",
         "max_steps=2",
+        "sample_every=2",
     )
     run = train(cfg, progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert (run / "pipeline" / "model.safetensors").is_file()
+    # a consistency-sampled EMA video: uint8 [frames, H, W, C], no pickle
+    video = np.load(run / "samples" / "step-00000002.npy", allow_pickle=False)
+    assert video.dtype == np.uint8 and video.shape == (2, *load(run / "pipeline").frame_shape)
     before, after = weights(teacher), weights(run)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student moved
+
+
+def test_micro_batches_split_the_global_batch_over_ranks():
+    batch = Batch(torch.arange(8.0).reshape(4, 2), torch.arange(4), None)
+    seeds = lambda parts: [g.initial_seed() for _, g in parts]  # noqa: E731
+    one = micro_batches(batch, step=3, seed=1, size=1, rank=0, per_rank=4, device="cpu")
+    ranks = [
+        micro_batches(batch, step=3, seed=1, size=1, rank=r, per_rank=2, device="cpu")
+        for r in (0, 1)
+    ]
+    both = ranks[0] + ranks[1]
+    assert seeds(both) == seeds(one) and len(set(seeds(one))) == 4
+    assert torch.equal(torch.cat([b.x0_B_T_C_H_W for b, _ in both]), batch.x0_B_T_C_H_W)
+    assert torch.equal(torch.cat([b.cond for b, _ in both]), batch.cond)
+    whole = micro_batches(batch, step=3, seed=1, size=4, rank=0, per_rank=1, device="cpu")
+    assert seeds(whole) == [noise_seed(1, 3, 0)] == [1 * 1_000_003 + 3]  # single-process seed
+
+
+def test_micro_batch_size_is_validated_and_draws_its_own_noise(tmp_path):
+    # 2 micro-batches of 2 = 2 processes of 2: the same noise per micro-batch, gradients averaged
+    a = train(config(tmp_path, "a", "teacher-df", "steps=2", "batch_size=4", "micro_batch_size=2"),
+              progress=False)  # fmt: skip
+    b = train(config(tmp_path, "b", "teacher-df", "steps=2", "batch_size=4"), progress=False)
+    wa, wb = weights(a), weights(b)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # other noise: another run
+    with pytest.raises(ConfigError, match="micro_batch_size=3 must divide"):
+        config(tmp_path, "c", "base", "micro_batch_size=3")
+
+
+def test_sample_videos_and_bf16(tmp_path):
+    assert resolve_precision(config(tmp_path, "p", "base"), torch.device("cpu")) == "fp32"
+    assert resolve_precision(config(tmp_path, "p", "base"), torch.device("cuda")) == "bf16"
+    fp32 = train(config(tmp_path, "f", "teacher-tf", "steps=2"), progress=False)
+    # Samples must not disturb training: same weights with and without them.
+    sampled = train(config(tmp_path, "s", "teacher-tf", "steps=2", "sample_every=1"),
+                    progress=False)  # fmt: skip
+    assert all(torch.equal(v, weights(sampled)[k]) for k, v in weights(fp32).items())
+    names = sorted(p.name for p in (sampled / "samples").iterdir())
+    assert names == ["step-00000001.npy", "step-00000002.npy"]
+    video = np.load(sampled / "samples" / names[-1], allow_pickle=False)
+    assert video.dtype == np.uint8 and video.shape == (2, *load(sampled / "pipeline").frame_shape)
+    bf16 = train(config(tmp_path, "b", "teacher-tf", "steps=2", 'precision="bf16"'),
+                 progress=False)  # fmt: skip
+    records = [json.loads(line) for line in (bf16 / "metrics.jsonl").open()]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    w32, w16 = weights(fp32), weights(bf16)
+    assert all(v.dtype == torch.float32 for v in w16.values())  # fp32 master weights
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32)  # autocast did run in bf16
 
 
 def test_teacher_loss_goes_down(tmp_path):
