@@ -59,7 +59,13 @@ def _rows_by_plane(rows: list[RowPages]) -> dict[int, list[int]]:
 
 
 class TorchPagedAttention:
-    """Gather + SDPA with per-plan gather indices (see the module docs)."""
+    """Gather + SDPA with per-plan gather indices (see the module docs).
+
+    Each group of rows (same plane, same context length) gets K/V buffers ``[R, Lc + L, H, D]``
+    once per plan: every layer gathers the context straight into the front of the buffer
+    (``index_select(..., out=)``) and copies the chunk's own K/V behind it, so a layer costs one
+    copy of the context instead of a gather plus a concatenation.
+    """
 
     def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
@@ -67,7 +73,8 @@ class TorchPagedAttention:
     def prepare(self, rows: list[RowPages], tokens_per_row: int) -> object:
         dev = self.cache.k.device
         pt = self.cache.page_tokens
-        groups = []  # (plane, row indices, flat context token indices [R_g, Lc])
+        H, D = self.cache.k.shape[-2:]
+        groups = []  # (plane, row indices, context indices [R_g, Lc], K buffer, V buffer)
         for plane, members in _rows_by_plane(rows).items():
             by_len: dict[int, list[tuple[int, np.ndarray]]] = {}
             for r in members:
@@ -80,27 +87,32 @@ class TorchPagedAttention:
                     or [np.zeros(0, np.int64)]
                 ).astype(np.int64)
                 by_len.setdefault(len(idx), []).append((r, idx))
-            for same in by_len.values():
+            for n_ctx, same in by_len.items():
                 index = torch.from_numpy(np.stack([idx for _, idx in same])).to(dev)
-                groups.append((plane, torch.tensor([r for r, _ in same], device=dev), index))
-        return groups, len(rows)
+                shape = (len(same), n_ctx + tokens_per_row, H, D)
+                k_buf = torch.empty(shape, device=dev, dtype=self.cache.k.dtype)
+                v_buf = torch.empty_like(k_buf)
+                row_idx = torch.tensor([r for r, _ in same], device=dev)
+                groups.append((plane, row_idx, index, k_buf, v_buf))
+        return groups
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: object
     ) -> torch.Tensor:
-        groups, _n_rows = ctx
+        groups = ctx
         out = None if len(groups) == 1 else torch.empty_like(q)
-        for plane, row_idx, index_R_Lc in groups:
+        for plane, row_idx, index_R_Lc, k_buf, v_buf in groups:
             k_pages, v_pages = self.cache.pages(plane, layer)
             H, D = k_pages.shape[-2:]
-            flat = index_R_Lc.flatten()
-            k_ctx = k_pages.view(-1, H, D)[flat].view(*index_R_Lc.shape, H, D)
-            v_ctx = v_pages.view(-1, H, D)[flat].view(*index_R_Lc.shape, H, D)
+            n_ctx = index_R_Lc.shape[1]
             rows = slice(None) if out is None else row_idx
-            k_all = torch.cat([k_ctx.to(k.dtype), k[rows]], dim=1)
-            v_all = torch.cat([v_ctx.to(v.dtype), v[rows]], dim=1)
+            for j in range(index_R_Lc.shape[0]):
+                torch.index_select(k_pages.view(-1, H, D), 0, index_R_Lc[j], out=k_buf[j, :n_ctx])
+                torch.index_select(v_pages.view(-1, H, D), 0, index_R_Lc[j], out=v_buf[j, :n_ctx])
+            k_buf[:, n_ctx:] = k[rows]
+            v_buf[:, n_ctx:] = v[rows]
             o = F.scaled_dot_product_attention(
-                q[rows].transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+                q[rows].transpose(1, 2), k_buf.transpose(1, 2), v_buf.transpose(1, 2)
             ).transpose(1, 2)
             if out is None:
                 return o
