@@ -226,27 +226,3 @@ def add_stream_parser(subparsers) -> argparse.ArgumentParser:
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
     stream.set_defaults(func=_cmd_stream)
     return stream
-
-
-def main(argv=None) -> int:
-    """``python -m crcm.cli_serve play|stream …``: the two commands on their own, with the error
-    handling of ``crcm.cli.main`` (for tests that start the server as a subprocess)."""
-    from crcm.errors import CrcmError
-
-    parser = argparse.ArgumentParser(prog="crcm")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_play_parser(sub)
-    add_stream_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (CrcmError, ValueError, OSError) as err:
-        print(f"crcm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"crcm {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ import pytest
 av = pytest.importorskip("av")
 
 import crcm  # noqa: E402
-from crcm.cli_serve import main  # noqa: E402
+from crcm.cli import main  # noqa: E402
 from crcm.errors import ConfigError  # noqa: E402
 from crcm.models import get_config  # noqa: E402
 from crcm.stream import parse_actions, read_action_file, write_video  # noqa: E402
