@@ -16,9 +16,7 @@ import re
 import time
 from pathlib import Path
 
-import torch
-
-from crcm.bench import format_row, machine, run_suite
+from crcm.bench import format_row, machine, run_suite, run_wan_suite
 from crcm.pipeline import Pipeline
 from crcm.sampling import SamplerConfig
 
@@ -39,12 +37,7 @@ def main() -> None:
     )
     rows += run_suite(world, steps=(1, 2, 4), streams=(1, 8), frames=frames)
 
-    if torch.cuda.is_available():
-        wan = Pipeline.from_config(
-            "wan2.1-1.3b", sampler=SamplerConfig(chunk_frames=3, window_frames=18)
-        )
-        wan.model.to("cuda", torch.bfloat16)
-        rows += run_suite(wan, steps=(4, 2, 1), chunks=(3,), streams=(1,), frames=frames // 2)
+    rows += run_wan_suite(frames=frames // 2)
 
     device = info.get("gpu") or info["cpu"]
     slug = re.sub(r"[^a-z0-9]+", "-", str(device).lower()).strip("-")[:40]

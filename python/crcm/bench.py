@@ -32,7 +32,7 @@ import torch
 
 from crcm.pipeline import Pipeline
 from crcm.runtime import Runtime
-from crcm.sampling import consistency_times
+from crcm.sampling import SamplerConfig, consistency_times
 
 # Dense bf16 peak FLOP/s used for MFU (vendor figures, no sparsity).
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -295,6 +295,20 @@ def run_suite(
                     if progress:
                         print(format_row(row), flush=True)
     return rows
+
+
+def run_wan_suite(frames: int = 48, progress: bool = True) -> list[dict[str, object]]:
+    """On CUDA: ``wan2.1-1.3b`` shapes in bf16 (random weights, no VAE), c3-3 at 4, 2 and 1
+    steps, one stream, with MFU. Empty without a GPU."""
+    if not torch.cuda.is_available():
+        return []
+    wan = Pipeline.from_config(
+        "wan2.1-1.3b", sampler=SamplerConfig(chunk_frames=3, window_frames=18), name="wan2.1-1.3b"
+    )
+    wan.model.to("cuda", torch.bfloat16)
+    return run_suite(
+        wan, steps=(4, 2, 1), chunks=(3,), streams=(1,), frames=frames, progress=progress
+    )
 
 
 def format_row(row: dict[str, object]) -> str:

@@ -54,7 +54,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from crcm.bench import machine, run_suite
+    from crcm.bench import machine, run_suite, run_wan_suite
     from crcm.pipeline import Pipeline, load
     from crcm.sampling import SamplerConfig
 
@@ -67,6 +67,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipe = load(args.model)
     streams = (1, 8) if args.quick else (1, 8, 32)
     rows = run_suite(pipe, steps=(1, 2, 4), streams=streams, frames=16 if args.quick else 64)
+    rows += run_wan_suite(frames=8 if args.quick else 48)  # real shapes, when CUDA is present
     record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
