@@ -24,11 +24,11 @@ from crcm.serve.app import decode_frame
 
 
 class ServerProcess:
-    """``python -m crcm.cli_serve play --port 0 …`` as a context manager; ``url`` once up."""
+    """``python -m crcm.cli play --port 0 …`` as a context manager; ``url`` once up."""
 
     def __init__(self, args: Sequence[str], startup_timeout: float = 120.0) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "crcm.cli_serve", "play", "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "crcm.cli", "play", "--host", "127.0.0.1"]
         self.proc = subprocess.Popen(
             [*cmd, "--port", "0", *args],
             stdout=subprocess.PIPE,

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import crcm
 from crcm.training.config import load_config
 from crcm.training.trainer import train
 
@@ -72,7 +73,8 @@ def _torchrun(tmp: Path, jobs: list, timeout: float = 240.0) -> None:
         str(tmp / "worker.py"),
         str(tmp / "jobs.json"),
     ]
-    src = str(Path(__file__).resolve().parents[3] / "python")
+    # The crcm the tests import (an installed wheel in CI, the source tree in development).
+    src = str(Path(crcm.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     env["OMP_NUM_THREADS"] = "1"
     # A session of its own, so that a hang is ended by killing exactly this process group.
