@@ -22,9 +22,6 @@ Each result records the largest difference between the outputs compared, as a sa
 import argparse
 import contextlib
 import json
-import os
-import platform
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from crcm.bench import machine, results_path
 from crcm.kernels import attention_jvp, paged_attention
 from crcm.masks import Mask, block_causal_mask, full_mask, teacher_forcing_mask
 
@@ -56,32 +54,6 @@ class Geometry:
 
 WAN = Geometry("wan2.1-1.3b", 1560, 12, 128, torch.bfloat16, 1600)
 SMALL = Geometry("small-cpu", 64, 4, 64, torch.float32, 64)
-
-
-def machine() -> dict[str, str | None]:
-    """What ran the benchmark: accelerator or CPU model, and the software versions."""
-    cpu = platform.processor() or None
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        cpu = found.group(1).strip() if found else cpu
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": torch.cuda.get_device_name() if CUDA else "cpu",
-        "cpu": cpu,
-        "cpu_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if CUDA else None,
-        "python": platform.python_version(),
-        # Other work on the machine skews CPU timings; the 1-minute load says how much there was.
-        "load_average_1min": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else None,
-    }
 
 
 def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
@@ -256,11 +228,6 @@ def table(title: str, rows: list[dict], columns: list[str]) -> str:
     return "\n".join([title, fmt.format(*columns), *(fmt.format(*line) for line in lines)])
 
 
-def slug(device: str, cpu: str | None) -> str:
-    name = device if device != "cpu" else f"cpu-{cpu or 'unknown'}"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
@@ -291,7 +258,7 @@ def main() -> None:
                  "primal_sdpa_flash_ms", "jvp_over_primal", "max_diff_o_vs_flex"]))  # fmt: skip
 
     info = machine()
-    out = opts.out or Path("benches/results") / f"kernels-{slug(info['device'], info['cpu'])}.json"
+    out = opts.out or results_path("kernels", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": info,

@@ -16,10 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from crcm.bench import machine
+from crcm.bench import machine, results_path
 from crcm.serve.loadtest import ServerProcess, run_load
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -28,7 +26,7 @@ def main() -> None:
     parser.add_argument("--players", default="1,4,8", help="concurrent players per run (1,4,8)")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each run (15)")
     parser.add_argument("--fps", type=float, default=30.0, help="frames/s per player (30)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "play-cpu-amd-epyc-2c.json")
+    parser.add_argument("--out", type=Path, help="result file (default: benches/results/…)")
     args = parser.parse_args()
     players = [int(n) for n in args.players.split(",")]
     server_args = ["--model", args.model, "--max-sessions", str(max(players))]
@@ -43,9 +41,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
         code = server.stop()
+    info = machine()
     record = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": info,
         "command": "PYTHONPATH=python python benches/bench_play.py",
         "model": f"{args.model} (untrained weights: speed does not depend on them)",
         "fps_target": args.fps,
@@ -53,9 +52,10 @@ def main() -> None:
         "server_exit_code": code,
         "runs": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"results written to {args.out}")
+    out = args.out or results_path("play", info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"results written to {out}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
-from crcm.bench import format_row, machine, run_suite, run_wan_suite
+from crcm.bench import format_row, machine, results_path, run_suite, run_wan_suite
 from crcm.pipeline import Pipeline
 from crcm.sampling import SamplerConfig
 
@@ -39,9 +38,7 @@ def main() -> None:
 
     rows += run_wan_suite(frames=frames // 2)
 
-    device = info.get("gpu") or info["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", str(device).lower()).strip("-")[:40]
-    out = args.out or RESULTS / f"streaming-{slug}.json"
+    out = args.out or results_path("streaming", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"date": time.strftime("%Y-%m-%d"), "machine": info, "rows": rows}
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import statistics
 import subprocess
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
 FRAMES = {"tiny": 4, "breakout": 4}
 
 
@@ -88,7 +86,7 @@ def _one(size: str, stage: str, quick: bool, device: str) -> dict[str, object]:
 
 
 def main() -> None:
-    from crcm.bench import machine
+    from crcm.bench import machine, results_path
     from crcm.training.config import STAGES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,9 +121,7 @@ def main() -> None:
                 )
     info = machine()
     record = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "machine": info, "rows": rows}
-    name = info.get("gpu") or f"{info['cpu']}-{info['cores']}c"
-    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")
-    out = args.out or RESULTS / f"training-{slug}.json"
+    out = args.out or results_path("training", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"results written to {out}")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 
 def cpu_model() -> str:
+    # Standard library only (not crcm.bench.machine): this describes Rust benches and runs
+    # where the Python package may not be installed.
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

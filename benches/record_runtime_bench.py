@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -22,26 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from crcm.bench import machine, results_path
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_FILE = ROOT / "benches" / "test_bench_runtime.py"
 TARGET_US = 20.0
 TARGET_BENCH = "test_tick_read_complete[64]"
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if found:
-            return found.group(1).strip()
-    return platform.processor() or platform.machine()
-
-
-def short_machine(cpu: str, cores: int) -> str:
-    """``AMD EPYC`` with 2 cores -> ``amd-epyc-2c`` (as the other result files are named)."""
-    words = re.sub(r"\(.*?\)|@.*$|\b(processor|cpu|\d+-core)\b", " ", cpu, flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-") or "unknown"
-    return f"{slug}-{cores}c"
 
 
 def main() -> int:
@@ -56,7 +39,7 @@ def main() -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
         report = json.loads(raw.read_text())
 
-    cpu, cores = cpu_model(), os.cpu_count() or 0
+    info = machine()
     benches = []
     for b in report["benchmarks"]:
         st = b["stats"]
@@ -71,14 +54,7 @@ def main() -> int:
         })  # fmt: skip
     tick64 = next(b for b in benches if b["name"] == TARGET_BENCH)
     result = {
-        "machine": {
-            "cpu": cpu,
-            "cores": cores,
-            "os": f"{platform.system()} {platform.release()}",
-            # Other work on the machine skews the timings; this says how much there was.
-            "load_average_1min": round(os.getloadavg()[0], 2),
-        },
-        "python": platform.python_version(),
+        "machine": info,
         "numpy": np.__version__,
         "date": datetime.date.today().isoformat(),
         "command": "python -m pytest benches/test_bench_runtime.py --benchmark-enable",
@@ -91,7 +67,7 @@ def main() -> int:
             "met": tick64["median_us"] <= TARGET_US,
         },
     }
-    out = args.out or ROOT / "benches" / "results" / f"runtime-ffi-{short_machine(cpu, cores)}.json"
+    out = args.out or results_path("runtime-ffi", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     verdict = "met" if result["target"]["met"] else "NOT met"

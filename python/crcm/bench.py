@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,30 +41,56 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (every benchmark records this)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "triton": triton_version,
+        # Other work on the machine skews CPU timings; the load average says how much there was.
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            info["triton"] = None
+        info["cuda"] = torch.version.cuda
     return info
+
+
+def machine_slug(info: dict[str, object] | None = None) -> str:
+    """A short file-name tag: the GPU's name, or the CPU's with its core count (``amd-epyc-2c``)."""
+    info = info or machine()
+    if info.get("gpu"):
+        name = str(info["gpu"])
+    else:
+        cpu = re.sub(
+            r"\(.*?\)|@.*$|\b(processor|cpu|\d+-core)\b", " ", str(info["cpu"]), flags=re.I
+        )
+        name = f"{cpu} {info['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def results_path(kind: str, info: dict[str, object] | None = None) -> Path:
+    """``benches/results/<kind>-<machine>.json`` of the source tree (or the working directory)."""
+    root = Path(__file__).resolve().parents[2]
+    folder = (
+        root / "benches" / "results" if (root / "benches").is_dir() else Path("benches/results")
+    )
+    return folder / f"{kind}-{machine_slug(info)}.json"
 
 
 def forward_flops(pipeline: Pipeline, tokens: int, context_tokens: int) -> float:
