@@ -75,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from crcm.eval.harness import CopyLastFrame, EvalConfig, evaluate, load_model
 
-    model = load_model(args.model, steps=args.steps)
+    model = load_model(args.model, steps=args.steps, sampler=args.sampler, name=args.name)
     frame_hw = args.size
     if frame_hw is None:
         shape = getattr(getattr(model, "pipeline", None), "frame_shape", (64, 64))
@@ -89,6 +89,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         frameskip=args.frameskip,
         frame_hw=frame_hw,
         max_steps=args.max_steps,
+        long_rollout=args.long_rollout,
         seed=args.seed,
     )
     report = evaluate(models, cfg, progress=not args.quiet)
@@ -152,6 +153,15 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive, default=8, help="context frames k (8)")
     p.add_argument("--horizons", type=_ints, default=(1, 8, 32, 128), help="(1,8,32,128)")
     p.add_argument("--steps", type=_positive, help="sampling steps (the pipeline's default)")
+    p.add_argument(
+        "--sampler",
+        choices=("consistency", "teacher"),
+        help="sampler preset instead of the pipeline's (teacher: Euler with CFG 3)",
+    )
+    p.add_argument("--name", help="the model's label in the report (the pipeline's name)")
+    p.add_argument(
+        "--long-rollout", type=int, default=1000, help="frames of the drift rollout (1000; 0: none)"
+    )
     p.add_argument("--frameskip", type=_positive, default=4, help="must match training (4)")
     p.add_argument("--size", type=_size, help="frame size (the model's)")
     p.add_argument("--max-steps", type=_positive, default=2000, help="steps per episode cap")

@@ -433,14 +433,19 @@ class AtariClips:
         self._starts = np.array([dataset.episode_length(e) - frames + 1 for e in eps])
         self._cum = np.cumsum(self._starts)
         self.num_actions = max(len(a) for a in dataset.action_names.values())
+        names = set(dataset.action_names.values())
+        # One game (or games sharing a set): the model's actions have names.
+        self.action_names: tuple[str, ...] = names.pop() if len(names) == 1 else ()
 
-    def batch(self, step: int, batch_size: int):
+    def batch(self, step: int, batch_size: int, rows: slice | None = None):
+        """Clips ``rows`` (default: all) of step ``step``'s batch of ``batch_size``: the picks
+        are drawn for the whole batch, only the selected clips are read."""
         import torch
 
         from crcm.training.data import Batch
 
         rng = np.random.default_rng([self.seed, step])
-        picks = rng.integers(0, self._cum[-1], batch_size)
+        picks = rng.integers(0, self._cum[-1], batch_size)[rows or slice(None)]
         video, actions, games = [], [], []
         for pick in picks:
             j = int(np.searchsorted(self._cum, pick, side="right"))

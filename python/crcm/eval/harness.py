@@ -16,6 +16,13 @@ horizons 1, 8, 32, 128 are compared with the emulator's:
   paddle x error per sequence and whether the model separates LEFT from RIGHT as the emulator
   does.
 
+- drift: one long rollout (``long_rollout`` frames, default 1,000) from the first held-out
+  episode's opening context, driven by that episode's actions (repeated when the episode is
+  shorter), with the pipeline's KV retention (sink + window). Breakout's walls and background
+  never change, so a model that drifts shows it there: PSNR over the *static region* (pixels that
+  never change in the real episode) per span of the rollout, the share of frames in which the
+  paddle is found, and the rollout's frames per second.
+
 Every report includes the copy-last-frame baseline on the same windows: whole-frame PSNR of a
 mostly static game flatters any model.
 """
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -219,13 +226,40 @@ class PipelineModel(WorldModel):
         return np.concatenate(out, axis=1)
 
 
-def load_model(name_or_path: str, *, steps: int | None = None) -> WorldModel:
-    """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``)."""
+def load_model(
+    name_or_path: str,
+    *,
+    steps: int | None = None,
+    sampler: str | None = None,
+    name: str | None = None,
+) -> WorldModel:
+    """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``).
+
+    ``sampler`` names a preset (``consistency``, ``teacher``: Euler with CFG 3) that replaces
+    the pipeline's sampler, keeping its chunk size and KV retention (sink + window, what the
+    model was trained to see); ``steps`` sets the steps per chunk; ``name`` labels the report.
+    """
     if name_or_path == CopyLastFrame.name:
         return CopyLastFrame()
     from crcm.pipeline import load
+    from crcm.sampling import get_preset
 
-    return PipelineModel(load(name_or_path), steps=steps)
+    pipe = load(name_or_path)
+    smp = None
+    if sampler is not None:
+        base = pipe.sampler
+        preset = get_preset(sampler, steps) if steps is not None else get_preset(sampler)
+        smp = replace(
+            preset,
+            chunk_frames=base.chunk_frames,
+            sink_frames=base.sink_frames,
+            window_frames=base.window_frames,
+        )
+        steps = None
+    model = PipelineModel(pipe, sampler=smp, steps=steps)
+    if name is not None:
+        model.name = name
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +279,7 @@ class EvalConfig:
     frameskip: int = 4
     frame_hw: tuple[int, int] = (64, 64)
     max_steps: int = 2000
+    long_rollout: int = 1000  # frames of the drift rollout (0: none)
     seed: int = 0
     policy_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_POLICY_MIX))
 
@@ -289,6 +324,40 @@ def _aggregate(per_window: list[dict], horizons) -> dict:
             stats[k] = float(vals.mean()) if len(vals) else None
             stats[f"{k}_n"] = len(vals)
         out[str(hz)] = stats
+    return out
+
+
+DRIFT_SPANS = ((0, 100), (100, 500), (500, 1000), (1000, None))
+
+
+def _drift(models: Sequence[WorldModel], ep, cfg: EvalConfig, det: BreakoutDetector) -> dict:
+    """The long rollout of every model from the opening of episode ``ep`` (see module doc)."""
+    K, n = cfg.context_frames, cfg.long_rollout
+    static = ~(ep.frames != ep.frames[:1]).any(axis=(0, 3))  # never changes in the real game
+    reference = ep.frames[K - 1]
+    ctx, ctx_a = ep.frames[None, :K], ep.actions[None, :K].astype(np.int64)
+    future = ep.actions[K:].astype(np.int64)
+    actions = np.resize(future, n)[None]  # the episode's actions, repeated to n steps
+    out = {}
+    for m in models:
+        t0 = time.perf_counter()
+        video = m.rollout(ctx, ctx_a, actions, seed=0)[0]
+        seconds = time.perf_counter() - t0
+        score = psnr(
+            video, np.broadcast_to(reference, video.shape), np.broadcast_to(static, video.shape[:3])
+        )
+        spans = {}
+        for lo, hi in DRIFT_SPANS:
+            part = score[lo:hi]
+            if len(part):
+                spans[f"{lo}-{min(hi or n, n)}"] = float(np.nanmean(part))
+        found = [det.paddle_x(f) is not None for f in video[:: max(1, n // 200)]]
+        out[m.name] = {
+            "frames": n,
+            "psnr_static": spans,
+            "paddle_found": float(np.mean(found)),
+            "frames_per_s": round(n / seconds, 2),
+        }
     return out
 
 
@@ -391,6 +460,10 @@ def evaluate(
         "windows": sum(len(e["starts"]) for e in used),
         "models": {},
     }
+    if cfg.long_rollout:
+        first = used[0]
+        ep = run_episode(env, first["policy"], first["seed"], max_steps=cfg.max_steps)
+        report["drift"] = {"seed": first["seed"], "models": _drift(models, ep, cfg, det)}
     ctrl_h = [h for h in cfg.horizons if h <= Hc]
     for m in models:
         r = results[m.name]
@@ -408,7 +481,11 @@ def evaluate(
                 "direction_agree": float(np.mean(votes)) if votes else None,
                 "n": len(votes),
             }
+        smp = getattr(m, "sampler", None)
         report["models"][m.name] = {
+            "sampler": None
+            if smp is None
+            else {"kind": smp.kind, "steps": smp.steps_of(0), "cfg_scale": smp.cfg_scale},
             "horizons": _aggregate(r["windows"], cfg.horizons),
             "controllability": {"sequences": control, "left_right": agree},
             "seconds": round(timings[m.name], 3),

@@ -49,9 +49,22 @@ DMD = ("sf-dmd", "df-dmd", "joint-rcm")
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: Literal["moving-squares"] = "moving-squares"
+    """Where clips come from: ``moving-squares`` (synthetic, made on the fly) or ``atari`` (a
+    dataset written by ``crcm collect`` at ``path``; the game id becomes the class condition
+    of a ``cond = "class"`` model)."""
+
+    kind: Literal["moving-squares", "atari"] = "moving-squares"
     frames: int = 6
     seed: int = 0
+    path: str | None = None  # the dataset folder of kind "atari"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("moving-squares", "atari"):
+            raise ConfigError(f'data.kind must be "moving-squares" or "atari", got {self.kind!r}')
+        if self.frames < 1:
+            raise ConfigError(f"data.frames must be >= 1, got {self.frames}")
+        if (self.kind == "atari") != (self.path is not None):
+            raise ConfigError('data.path names the dataset of kind "atari" (and only of it)')
 
 
 @dataclass(frozen=True)

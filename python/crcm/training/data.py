@@ -2,7 +2,9 @@
 iterator state, and N steps straight equal N/2 + resume + N/2.
 
 A source returns model-space clips ``x0_B_T_C_H_W`` plus per-video conditions and per-frame
-actions (None where the model takes none).
+actions (None where the model takes none). ``rows`` selects part of the global batch (a
+process's share under ``torchrun``): the rows are those of the whole batch, but a source only
+needs to load them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from torch import Tensor
 
 from crcm.codec import Codec
+from crcm.errors import ConfigError
+from crcm.models.configs import DiTConfig
+from crcm.training.config import DataConfig
 
 
 @dataclass
@@ -29,7 +34,36 @@ class Batch:
 
 
 class DataSource(Protocol):
-    def batch(self, step: int, batch_size: int) -> Batch: ...
+    action_names: tuple[str, ...]  # names of the actions (empty when unnamed)
+
+    def batch(self, step: int, batch_size: int, rows: slice | None = None) -> Batch: ...
+
+
+def make_source(data: DataConfig, codec: Codec, model: DiTConfig) -> DataSource:
+    """The configured source for a model: its actions, classes and frame size must match."""
+    if model.cond == "text":
+        raise ConfigError("training on text conditions needs a text dataset (not shipped)")
+    classes = model.num_classes if model.cond == "class" else 0
+    if data.kind == "moving-squares":
+        return MovingSquares(
+            codec,
+            frames=data.frames,
+            num_actions=model.num_actions,
+            num_classes=classes,
+            seed=data.seed,
+        )
+    from crcm.data.dataset import AtariClips, AtariDataset
+
+    dataset = AtariDataset(data.path)
+    if classes and classes < len(dataset.games):
+        raise ConfigError(f"{data.path} holds {len(dataset.games)} games; the model has {classes}")
+    clips = AtariClips(dataset, codec, frames=data.frames, game_cond=bool(classes), seed=data.seed)
+    if clips.num_actions != model.num_actions:
+        raise ConfigError(
+            f"{data.path} has {clips.num_actions} actions per game; the model takes "
+            f"{model.num_actions}"
+        )
+    return clips
 
 
 class MovingSquares:
@@ -57,8 +91,9 @@ class MovingSquares:
         self.num_actions = num_actions
         self.num_classes = num_classes
         self.seed = seed
+        self.action_names: tuple[str, ...] = ()
 
-    def batch(self, step: int, batch_size: int) -> Batch:
+    def batch(self, step: int, batch_size: int, rows: slice | None = None) -> Batch:
         rng = np.random.default_rng([self.seed, step])
         h, w = self.codec.frame_hw
         c = self.codec.frame_channels
@@ -89,9 +124,11 @@ class MovingSquares:
                 video[b, t, y : y + size, x : x + size] = shade
                 py, px = player
                 video[b, t, py : py + size, px : px + size, 0] = 200
-        x0 = self.codec.encode(torch.from_numpy(video))
+        # Every row is drawn (one generator walks them in order); only ``rows`` are encoded.
+        rows = rows or slice(None)
+        x0 = self.codec.encode(torch.from_numpy(video[rows]))
         return Batch(
             x0,
-            None if classes is None else torch.from_numpy(classes),
-            None if actions is None else torch.from_numpy(actions),
+            None if classes is None else torch.from_numpy(classes[rows]),
+            None if actions is None else torch.from_numpy(actions[rows]),
         )

@@ -11,8 +11,8 @@ Every step draws its batch from ``(data.seed, step)`` and its noise from generat
 weights of an uninterrupted run.
 
 Under ``torchrun`` (see :mod:`crcm.training.distributed`) the student, EMA and fake score are
-FSDP2-sharded; every rank builds the same global batch, takes its contiguous micro-batches, and
-the gradients are averaged over all micro-batches of all ranks. Files are written by rank 0.
+FSDP2-sharded; every rank loads only its contiguous micro-batches of the global batch, and the
+gradients are averaged over all micro-batches of all ranks. Files are written by rank 0.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from crcm.training import objectives as obj
 from crcm.training import self_forcing as sf
 from crcm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from crcm.training.config import DMD, TrainConfig, config_to_dict
-from crcm.training.data import Batch, MovingSquares
+from crcm.training.data import Batch, make_source
 
 __all__ = ["load_stage_model", "train"]
 
@@ -84,13 +84,14 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
 def micro_batches(
     batch: Batch, *, step: int, seed: int, size: int, rank: int, per_rank: int, device: torch.device
 ) -> list[tuple[Batch, torch.Generator]]:
-    """Rank ``rank``'s micro-batches of the global ``batch``: the contiguous micro-batches
-    ``rank·per_rank … (rank+1)·per_rank − 1`` of ``size`` samples, each with the noise
-    generator of its global index (:func:`noise_seed`)."""
+    """Rank ``rank``'s micro-batches: ``batch`` holds the rank's rows of the global batch
+    (:meth:`_Stage.rank_rows`), the contiguous micro-batches ``rank·per_rank …
+    (rank+1)·per_rank − 1`` of ``size`` samples; each gets the noise generator of its global
+    index (:func:`noise_seed`)."""
     out = []
-    for index in range(rank * per_rank, (rank + 1) * per_rank):
+    for local, index in enumerate(range(rank * per_rank, (rank + 1) * per_rank)):
         gen = torch.Generator(device=device).manual_seed(noise_seed(seed, step, index))
-        out.append((_slice(batch, index * size, (index + 1) * size), gen))
+        out.append((_slice(batch, local * size, (local + 1) * size), gen))
     return out
 
 
@@ -131,8 +132,12 @@ class _Stage:
         if cfg.init is not None:
             self.pipeline = load_stage_model(cfg.init)
         else:
-            torch.manual_seed(cfg.seed)
-            self.pipeline = Pipeline.from_config(cfg.model, seed=cfg.seed)
+            # A model trained on clips of F frames has seen at most F − C earlier frames: that is
+            # the window it streams with (later stages inherit the pipeline's sampler).
+            window = cfg.data.frames - cfg.chunk_frames
+            self.pipeline = Pipeline.from_config(
+                cfg.model, seed=cfg.seed, sampler=SamplerConfig(window_frames=max(window, 1))
+            )
         self.student = self.pipeline.model.to(device).train()
         self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.teacher = None
@@ -167,16 +172,9 @@ class _Stage:
                 betas=cfg.adam_betas,
                 weight_decay=cfg.weight_decay,
             )
-        model_cfg = self.student.cfg
-        self.data = MovingSquares(
-            self.pipeline.codec,
-            frames=cfg.data.frames,
-            num_actions=model_cfg.num_actions,
-            num_classes=model_cfg.num_classes if model_cfg.cond == "class" else 0,
-            seed=cfg.data.seed,
-        )
-        if model_cfg.cond == "text":
-            raise ConfigError("training on text conditions needs a text dataset (not shipped)")
+        self.data = make_source(cfg.data, self.pipeline.codec, self.student.cfg)
+        if not self.pipeline.action_names:  # e.g. the game's action names of an Atari dataset
+            self.pipeline.action_names = self.data.action_names
         self.schedule = (
             sf.CycledStepSchedule()
             if cfg.step_schedule == "cycled"
@@ -201,8 +199,14 @@ class _Stage:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @property
+    def rank_rows(self) -> slice:
+        """This rank's rows of the global batch: only these are loaded."""
+        per_rank = self.micro_batches_per_rank * self.micro_batch_size
+        return slice(self.env.rank * per_rank, (self.env.rank + 1) * per_rank)
+
     def micro_batches(self, step: int, batch: Batch) -> list[tuple[Batch, torch.Generator]]:
-        """This rank's micro-batches of the global ``batch`` with their noise generators."""
+        """This rank's micro-batches of its rows ``batch`` with their noise generators."""
         return micro_batches(
             batch,
             step=step,
@@ -548,9 +552,9 @@ def _train(
         for step in range(start, cfg.steps):
             for group in stage.optimizers["student"].param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
-            # The global batch, a pure function of (data seed, step), on every rank; each rank
-            # trains on its slice (stage.micro_batches).
-            batch = stage.data.batch(step, cfg.batch_size).to(env.device)
+            # The global batch is a pure function of (data seed, step); each rank loads and
+            # trains on its own rows of it.
+            batch = stage.data.batch(step, cfg.batch_size, stage.rank_rows).to(env.device)
             logs = stage.step(step, stage.micro_batches(step, batch))
             samples += cfg.batch_size
             done_here += 1

@@ -13,6 +13,7 @@ pytest.importorskip("ale_py")
 
 from crcm.data.atari import AtariEnv, run_episode
 from crcm.eval.breakout import (
+    PSNR_CAP_DB,
     BreakoutDetector,
     dynamic_mask,
     psnr,
@@ -120,8 +121,31 @@ def test_dynamic_mask_is_what_changed_dilated() -> None:
 
 @pytest.fixture(scope="module")
 def copy_report() -> dict:
-    cfg = EvalConfig(episodes=2, starts_per_episode=2, max_steps=300, horizons=(1, 8, 32, 128))
-    return evaluate([CopyLastFrame()], cfg, progress=False)
+    cfg = EvalConfig(
+        episodes=2, starts_per_episode=2, max_steps=300, horizons=(1, 8, 32, 128), long_rollout=600
+    )
+    return evaluate([CopyLastFrame(), _Snow()], cfg, progress=False)
+
+
+class _Snow(CopyLastFrame):
+    """A model that forgets the game: uniform noise frames."""
+
+    name = "snow"
+
+    def rollout(self, context_B_K_H_W_C, context_actions_B_K, actions_B_N, seed=0):
+        shape = (*actions_B_N.shape, *context_B_K_H_W_C.shape[2:])
+        return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_long_rollout_measures_drift_on_the_static_region(copy_report: dict) -> None:
+    drift = copy_report["drift"]["models"]
+    copy, snow = drift["copy-last-frame"], drift["snow"]
+    assert copy["frames"] == snow["frames"] == 600
+    assert set(copy["psnr_static"]) == {"0-100", "100-500", "500-600"}
+    # The copied frame keeps the walls and background exactly; noise keeps none of them.
+    assert min(copy["psnr_static"].values()) >= PSNR_CAP_DB
+    assert max(snow["psnr_static"].values()) < 12
+    assert copy["paddle_found"] == 1.0 and copy["frames_per_s"] > 0
 
 
 def test_copy_last_frame_report(copy_report: dict) -> None:

@@ -14,7 +14,7 @@ from crcm.errors import ConfigError
 from crcm.pipeline import load
 from crcm.training.config import STAGES, load_config
 from crcm.training.data import Batch
-from crcm.training.trainer import micro_batches, noise_seed, resolve_precision, train
+from crcm.training.trainer import _slice, micro_batches, noise_seed, resolve_precision, train
 
 BASE = ["data.frames=2", "batch_size=2", "log_every=1", "checkpoint_every=2", "lr=1e-3"]
 
@@ -75,9 +75,9 @@ def test_micro_batches_split_the_global_batch_over_ranks():
     batch = Batch(torch.arange(8.0).reshape(4, 2), torch.arange(4), None)
     seeds = lambda parts: [g.initial_seed() for _, g in parts]  # noqa: E731
     one = micro_batches(batch, step=3, seed=1, size=1, rank=0, per_rank=4, device="cpu")
-    ranks = [
-        micro_batches(batch, step=3, seed=1, size=1, rank=r, per_rank=2, device="cpu")
-        for r in (0, 1)
+    ranks = [  # each rank holds its own rows of the global batch
+        micro_batches(rows, step=3, seed=1, size=1, rank=r, per_rank=2, device="cpu")
+        for r, rows in enumerate((_slice(batch, 0, 2), _slice(batch, 2, 4)))
     ]
     both = ranks[0] + ranks[1]
     assert seeds(both) == seeds(one) and len(set(seeds(one))) == 4
@@ -158,7 +158,7 @@ def test_shipped_recipe_configs_parse():
     assert {"teacher-tf", "tf-scm", "sf-dmd", "tf-dcm", "teacher-df", "joint-rcm"} <= stages
     assert stages <= set(STAGES)
     assert load_config("causal-rcm/2-tf-scm", []).stage == "tf-scm"  # by recipe name
-    with pytest.raises(ConfigError, match="shipped recipes: causal-forcing/0-base"):
+    with pytest.raises(ConfigError, match=r"shipped recipes: breakout/0-base, .*causal-forcing/0"):
         load_config("no/such-recipe", [])
 
 
