@@ -423,10 +423,15 @@ class _Stage:
         return model.to(self.device).eval().requires_grad_(False)
 
     def pipeline_of(self, model: torch.nn.Module) -> Pipeline:
+        sampler = self.pipeline.sampler
+        if self.cfg.stage in ("sf-dmd", "joint-rcm"):
+            # A self-forced student streams the way its rollouts ran: cache update or noisy
+            # context.
+            sampler = replace(sampler, cache_update=self.cfg.cache_update)
         return Pipeline(
             model=model,
             codec=self.pipeline.codec,
-            sampler=self.pipeline.sampler,
+            sampler=sampler,
             action_names=self.pipeline.action_names,
             name=f"{self.pipeline.name}",
         )

@@ -139,3 +139,37 @@ def test_collect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = parser.parse_args(["collect", "--game", "nope", "--out", str(tmp_path / "d")])
     with pytest.raises(CrcmError, match="unknown Atari game"):  # main prints it, exit 2
         args.func(args)
+
+
+def test_clips_load_only_the_requested_rows(small: Path) -> None:
+    from crcm.codec import PixelCodec
+
+    clips = AtariClips(AtariDataset(small), PixelCodec((64, 64), 3, 1), frames=4, seed=2)
+    whole = clips.batch(7, 6)
+    part = clips.batch(7, 6, rows=slice(2, 5))  # one process's share of the global batch
+    assert part.x0_B_T_C_H_W.shape[0] == 3
+    assert np.array_equal(part.x0_B_T_C_H_W.numpy(), whole.x0_B_T_C_H_W[2:5].numpy())
+    assert np.array_equal(part.actions_B_T.numpy(), whole.actions_B_T[2:5].numpy())
+    assert clips.action_names == ("NOOP", "FIRE", "RIGHT", "LEFT")
+
+
+def test_a_breakout_run_trains_on_the_dataset(small: Path, tmp_path: Path) -> None:
+    """data.kind = "atari": the clips feed the trainer, and the run's pipeline carries the
+    game's action names and a KV window of what its clips let it see."""
+    from crcm.pipeline import load
+    from crcm.training.config import load_config
+    from crcm.training.trainer import train
+
+    overrides = [f'out="{tmp_path / "run"}"', 'model="breakout"', "steps=1", "batch_size=2"]
+    data = ['data.kind="atari"', f'data.path="{small}"', "data.frames=3"]
+    run = train(load_config(None, overrides + data, stage="base"), progress=False)
+    pipe = load(run / "pipeline")
+    assert pipe.action_names == ("NOOP", "FIRE", "RIGHT", "LEFT")
+    assert pipe.sampler.window_frames == 2  # 3-frame clips: two earlier frames at most
+    with pytest.raises(ConfigError, match=r"the codec takes \(16, 16\) frames"):  # tiny
+        tiny = [f'out="{tmp_path / "tiny"}"', "steps=1", *data]
+        train(load_config(None, tiny, stage="base"), progress=False)
+    with pytest.raises(ConfigError, match=r"data\.path names the dataset"):
+        load_config(None, ['data.kind="atari"'], stage="base")
+    with pytest.raises(ConfigError, match=r'data\.kind must be "moving-squares" or "atari"'):
+        load_config(None, ['data.kind="video"'], stage="base")

@@ -1,0 +1,41 @@
+"""Copies a trained Breakout pipeline into the package as the shipped ``breakout`` model.
+
+    python scripts/ship-breakout.py breakout-work/runs/breakout/causal-rcm/sf-dmd/pipeline
+
+The EMA weights are stored in float16 (half the bytes; ``crcm.load`` returns float32), and the
+shipped sampler is the recipe's 1-step consistency sampler with the run's KV window.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import crcm
+from crcm.pipeline import SHIPPED_DIR
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("pipeline", type=Path, help="the trained pipeline folder")
+    parser.add_argument("--steps", type=int, default=1, help="default sampling steps (1)")
+    args = parser.parse_args()
+    pipe = crcm.load(args.pipeline)
+    pipe.name = "breakout"
+    pipe.sampler = pipe.sampler.with_steps(args.steps)
+    pipe.model.to(torch.float16)
+    out = pipe.save(SHIPPED_DIR / "breakout")
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"shipped {args.pipeline} as {out} ({size:.1f} MB)")
+    # What users get back: float32 weights equal to the float16 ones.
+    back = crcm.load("breakout")
+    ref = pipe.model.state_dict()
+    assert all(torch.equal(v, ref[k].float()) for k, v in back.model.state_dict().items())
+    print(f"crcm.load('breakout'): {sum(p.numel() for p in back.model.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()
