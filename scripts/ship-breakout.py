@@ -9,7 +9,6 @@ shipped sampler is the recipe's 1-step consistency sampler with the run's KV win
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -20,19 +20,22 @@ train() {
 crcm collect --game breakout --episodes 150 --eval-episodes 16 --out data/breakout --quiet
 train base 0-base
 
-chain_a() {  # Causal-rCM, then Causal Forcing (both from the TF teacher)
+tf_teacher_ready() {
+  while [ ! -f runs/breakout/teacher-tf/pipeline/model.safetensors ]; do sleep 10; done
+}
+chain_a() {  # Causal-rCM, then joint rCM (both from the TF teacher)
   train teacher-tf 1-teacher-tf
   train tf-scm causal-rcm/2-tf-scm
   train sf-dmd causal-rcm/3-sf-dmd
-  train tf-dcm causal-forcing/2-tf-dcm
-  train sf-dmd causal-forcing/3-sf-dmd
+  train joint-rcm joint-rcm/2-joint-rcm
 }
-chain_b() {  # Self-Forcing (from the DF teacher), then joint rCM (waits for the TF teacher)
+chain_b() {  # Self-Forcing (from the DF teacher), then Causal Forcing (waits for the TF teacher)
   train teacher-df 1-teacher-df
   train ode-init self-forcing/2-ode-init
   train sf-dmd self-forcing/3-sf-dmd
-  while [ ! -f runs/breakout/teacher-tf/pipeline/crcm.json ]; do sleep 10; done
-  train joint-rcm joint-rcm/2-joint-rcm
+  tf_teacher_ready
+  train tf-dcm causal-forcing/2-tf-dcm
+  train sf-dmd causal-forcing/3-sf-dmd
 }
 export OMP_NUM_THREADS=1
 ( time chain_a ) > logs/chain-a.log 2>&1 &

@@ -33,10 +33,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from crcm.demo import run_demo
 
     report = run_demo(
+        model=args.model,
         streams=args.streams,
         frames_per_stream=args.frames,
         steps=args.steps,
-        window_frames=args.window,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -105,16 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="stream several sessions through the runtime (stand-in renderer, no model yet)",
-        description="Runs concurrent streams through the Rust scheduler, KV page pool and frame "
-        "buffers with a procedural stand-in for the world model, and reports what it measured.",
+        help="play the shipped Breakout world model with an autopilot in several streams",
+        description="Streams the shipped Breakout world model in several concurrent sessions of "
+        "one runtime. Each stream's autopilot reads the paddle and ball from the generated "
+        "frames and picks the next action; reports frames/s, action-to-frame latency, KV pages "
+        "and how often paddle and ball were found in the model's frames.",
     )
+    demo.add_argument("--model", default="breakout", help="model name or pipeline folder")
     demo.add_argument("--streams", type=_positive, default=4, help="concurrent streams (4)")
-    demo.add_argument("--frames", type=_positive, default=96, help="frames per stream (96)")
+    demo.add_argument("--frames", type=_positive, default=120, help="frames per stream (120)")
     demo.add_argument(
-        "--steps", type=_steps, default=(4, 2), help="denoising steps per chunk, e.g. 4,2 (4,2)"
+        "--steps", type=_steps, default=(1, 2), help="sampling steps, one per stream in turn (1,2)"
     )
-    demo.add_argument("--window", type=_positive, default=6, help="context window in frames (6)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument("--out", type=Path, help="save the frames to this .npz file")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -134,13 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="write the results as JSON to this file")
     bench.set_defaults(func=_cmd_bench)
 
-    from crcm.cli_data import add_collect_parser, add_eval_parser
+    from crcm.cli_data import add_collect_parser, add_eval_parser, add_eval_table_parser
     from crcm.cli_serve import add_play_parser, add_stream_parser
 
     add_play_parser(sub)
     add_stream_parser(sub)
     add_collect_parser(sub)
     add_eval_parser(sub)
+    add_eval_table_parser(sub)
 
     from crcm.training.config import STAGES
 

@@ -1,7 +1,9 @@
-"""``crcm collect`` and ``crcm eval``: Atari data collection and evaluation against the emulator.
+"""``crcm collect``, ``crcm eval`` and ``crcm eval-table``: Atari data collection, evaluation
+against the emulator, and comparison of evaluation reports.
 
-``crcm.cli`` wires these in with ``add_collect_parser(sub)`` and ``add_eval_parser(sub)``; user
-mistakes raise ``CrcmError``/``ValueError``, which ``crcm.cli.main`` prints as one line (exit 2).
+``crcm.cli`` wires these in with ``add_collect_parser(sub)``, ``add_eval_parser(sub)`` and
+``add_eval_table_parser(sub)``; user mistakes raise ``CrcmError``/``ValueError``, which
+``crcm.cli.main`` prints as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_collect_parser", "add_eval_parser"]
+__all__ = ["add_collect_parser", "add_eval_parser", "add_eval_table_parser"]
 
 
 def _positive(text: str) -> int:
@@ -108,6 +110,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_table(args: argparse.Namespace) -> int:
+    from crcm.eval.report import load_reports, markdown_table, svg_plot
+
+    table = load_reports(args.reports)
+    text = markdown_table(table)
+    print(text, end="")
+    for path, content in ((args.markdown, text), (args.plot, None)):
+        if path is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(svg_plot(table) if content is None else content)
+        print(f"written to {path}")
+    return 0
+
+
 def add_collect_parser(sub) -> argparse.ArgumentParser:
     """Adds ``crcm collect`` to the ``crcm`` subparsers."""
     p = sub.add_parser(
@@ -168,4 +185,24 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="offset into the evaluation seeds (0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+    return p
+
+
+def add_eval_table_parser(sub) -> argparse.ArgumentParser:
+    """Adds ``crcm eval-table`` to the ``crcm`` subparsers."""
+    p = sub.add_parser(
+        "eval-table",
+        help="compare the models of several `crcm eval` reports in one table and plot",
+        description="Merges `crcm eval` JSON reports made on the same held-out windows (one "
+        "model each, plus the copy-last-frame baseline they all hold) and prints one Markdown "
+        "table with a row per model: dynamic-region and whole-frame PSNR, paddle/ball errors in "
+        "native Atari pixels, left/right controllability and drift. Optionally writes the table "
+        "and an SVG plot of metrics against the horizon.",
+    )
+    p.add_argument("reports", nargs="+", type=Path, metavar="REPORT.json", help="crcm eval output")
+    p.add_argument("--markdown", type=Path, metavar="OUT.md", help="also write the table here")
+    p.add_argument(
+        "--plot", type=Path, metavar="OUT.svg", help="write an SVG plot of metrics by horizon"
+    )
+    p.set_defaults(func=_cmd_eval_table)
     return p

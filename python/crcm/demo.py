@@ -1,167 +1,150 @@
-"""A short streaming demo of the runtime: many streams, one scheduler, paced frame buffers.
+"""``crcm demo``: the shipped Breakout world model, played by an autopilot in several streams.
 
-Until the shipped world model lands, a procedural *stand-in executor* renders each stream's
-frames: a ball bounces, a paddle follows the stream's actions. Everything around it is the real
-runtime path: the Rust scheduler batches the streams' chunks (c1-1 and c3-3 side by side) into
-plans with per-chunk step schedules, a time-0 cache-update pass and sink + window eviction; the
-executor walks every plan item (a model would run one batched forward per plan here), emitted
-frames go through each stream's `FrameBuffer`, and KV page usage stays flat however long the
-streams run.
+Every stream is a session of one :class:`~crcm.runtime.Runtime` (one scheduler, one paged KV
+cache, one batched forward per plan). There is no emulator anywhere: each stream's autopilot
+reads the paddle and the ball from the *generated* frames with the Breakout detector and
+chooses the next action (FIRE to serve, then LEFT/RIGHT towards the ball), so the model's own
+output drives it, frame after frame, as a person's keys would in ``crcm play``. Streams
+alternate 1 and 2 sampling steps per frame. The report says what was measured: frames/s, the
+time from an action to its frame, KV pages in use (flat however long the streams run) and how
+often the autopilot found the paddle and the ball in the model's frames.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from crcm import _native
-
-ACTIONS = ("noop", "left", "right")
-
-
-@dataclass
-class _World:
-    """A 1-paddle, 1-ball toy game: the stand-in for a world model's state."""
-
-    size: int
-    rng: np.random.Generator
-    ball: np.ndarray = field(init=False)
-    velocity: np.ndarray = field(init=False)
-    paddle: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ball = self.rng.uniform(4, self.size - 4, size=2)
-        self.velocity = self.rng.choice([-1.5, 1.5], size=2)
-        self.paddle = self.size / 2
-
-    def step(self, action: int) -> np.ndarray:
-        self.paddle = float(np.clip(self.paddle + (0, -2, 2)[action], 4, self.size - 4))
-        self.ball += self.velocity
-        for axis in range(2):
-            if not 1 <= self.ball[axis] <= self.size - 2:
-                self.velocity[axis] *= -1
-                self.ball[axis] = np.clip(self.ball[axis], 1, self.size - 2)
-        frame = np.zeros((self.size, self.size, 3), np.float32)
-        y, x = self.ball.astype(int)
-        frame[y - 1 : y + 1, x - 1 : x + 1] = (1.0, 0.9, 0.2)
-        p = int(self.paddle)
-        frame[self.size - 3 : self.size - 1, p - 4 : p + 4] = (0.2, 0.6, 1.0)
-        return frame
+from crcm.errors import ConfigError
 
 
 @dataclass
 class DemoReport:
+    model: str
     streams: int
     frames: int
     seconds: float
-    ticks: int
-    mean_tick_us: float
-    items: dict[str, int]
+    latency_ms_p50: float  # action pushed → its frame read, per frame
+    latency_ms_p99: float
+    steps: tuple[int, ...]  # sampling steps per stream
     max_pages_used: int
     pages_capacity: int
+    paddle_found: float  # share of generated frames where the detector found the paddle
+    ball_found: float
     frames_by_stream: dict[int, np.ndarray]
 
     def summary(self) -> str:
         return (
-            f"{self.streams} streams, {self.frames} frames in {self.seconds:.2f} s "
-            f"({self.frames / self.seconds:.0f} frames/s with the stand-in executor); "
-            f"{self.ticks} plans ({self.items['denoise']} denoising steps, "
-            f"{self.items['cache_update']} cache updates), "
-            f"scheduler tick {self.mean_tick_us:.1f} µs on average; "
-            f"KV pages in use peaked at {self.max_pages_used} of {self.pages_capacity}"
+            f"{self.model}: {self.streams} streams, {self.frames} frames in {self.seconds:.2f} s "
+            f"({self.frames / self.seconds:.1f} frames/s together; steps per frame "
+            f"{','.join(map(str, self.steps))}); action → frame p50 {self.latency_ms_p50:.1f} ms, "
+            f"p99 {self.latency_ms_p99:.1f} ms; KV pages in use peaked at {self.max_pages_used} "
+            f"of {self.pages_capacity}; the autopilot found the paddle in "
+            f"{100 * self.paddle_found:.0f}% and the ball in {100 * self.ball_found:.0f}% of "
+            "the generated frames"
         )
+
+
+class Autopilot:
+    """Chooses Breakout actions from a frame: serve when there is no ball, else follow it."""
+
+    def __init__(self, action_names: tuple[str, ...], frame_hw: tuple[int, int], seed: int):
+        from crcm.eval.breakout import BreakoutDetector
+
+        names = [n.upper() for n in action_names]
+        missing = {"NOOP", "FIRE", "LEFT", "RIGHT"} - set(names)
+        if missing:
+            raise ConfigError(
+                f"the demo's autopilot plays Breakout; the model's actions lack {sorted(missing)}"
+            )
+        self.ids = {n: names.index(n) for n in ("NOOP", "FIRE", "LEFT", "RIGHT")}
+        self.detect = BreakoutDetector(frame_hw)
+        self.rng = np.random.default_rng(seed)
+        self.aim = self.rng.uniform(-1.5, 1.5)  # each stream aims a little differently
+        self.seen = {"paddle": 0, "ball": 0, "frames": 0}
+
+    def act(self, frame: np.ndarray | None) -> int:
+        if frame is None:
+            return self.ids["FIRE"]
+        found = self.detect(frame)
+        self.seen["frames"] += 1
+        self.seen["paddle"] += found.paddle_x is not None
+        self.seen["ball"] += found.ball_xy is not None
+        if found.ball_xy is None or found.paddle_x is None:
+            return self.ids["FIRE"] if self.rng.random() < 0.5 else self.ids["NOOP"]
+        gap = found.ball_xy[0] + self.aim - found.paddle_x
+        if abs(gap) < 1.0:
+            return self.ids["NOOP"]
+        return self.ids["RIGHT"] if gap > 0 else self.ids["LEFT"]
 
 
 def run_demo(
+    model: str = "breakout",
     streams: int = 4,
-    frames_per_stream: int = 96,
-    size: int = 32,
-    steps: tuple[int, ...] = (4, 2),
-    window_frames: int = 6,
-    sink_frames: int = 1,
+    frames_per_stream: int = 120,
+    steps: tuple[int, ...] = (1, 2),
     seed: int = 0,
     progress: bool = True,
 ) -> DemoReport:
-    """Runs the demo and returns what it measured, with every stream's frames."""
-    if streams < 1 or frames_per_stream < 1 or size < 16:
-        raise ValueError("streams and frames_per_stream must be >= 1 and size >= 16")
-    tokens_per_frame = (size // 8) ** 2
-    sched = _native.Scheduler(
-        num_pages=streams * (sink_frames + window_frames + 3),
-        page_tokens=16,
-        tokens_per_frame=tokens_per_frame,
-        max_batch_tokens=streams * 3 * tokens_per_frame,
-    )
-    rng = np.random.default_rng(seed)
-    times = [1600 / 1601, 15 / 16, 5 / 6, 5 / 8]  # design §1.4: σmax/(1+σmax), σmax = 1600
-    worlds, buffers = {}, {}
-    for sid in range(streams):
-        sched.open(
-            sid,
-            chunk_frames=1 if sid % 2 == 0 else 3,  # c1-1 and c3-3 side by side
-            steps_per_chunk=list(steps),
-            times=times,
-            sink_frames=sink_frames,
-            window_frames=window_frames,
-            max_frames=frames_per_stream,
-            needs_actions=True,
-        )
-        worlds[sid] = _World(size, np.random.default_rng(seed + sid))
-        buffers[sid] = _native.FrameBuffer(size, size, 3, capacity=frames_per_stream)
-        sched.push_actions(sid, rng.integers(0, len(ACTIONS), frames_per_stream).tolist())
+    """Runs the demo and returns what it measured, with every stream's frames.
 
-    bar = _progress(streams * frames_per_stream, progress)
-    tick_seconds, ticks, max_used = 0.0, 0, 0
-    items = {"denoise": 0, "cache_update": 0}
-    start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        plan = sched.tick()
-        tick_seconds += time.perf_counter() - t0
-        if plan is None:
-            break
-        ticks += 1
-        max_used = max(max_used, sched.stats()["pages_used"])
-        for i, sid in enumerate(plan.stream_ids.tolist()):
-            items["cache_update" if plan.kind[i] == 1 else "denoise"] += 1
-            if not plan.emits_frames[i]:
-                continue
-            # The chunk's last denoising step: its frames are final. The stand-in advances the
-            # world under the chunk's actions where a model would decode its x0.
-            f0, f1 = plan.frame_indptr[i], plan.frame_indptr[i + 1]
-            for k, action in enumerate(plan.actions[f0:f1].tolist()):
-                pixels = np.clip(worlds[sid].step(action) * 255, 0, 255).astype(np.uint8)
-                buffers[sid].push(pixels, int(plan.frame_start[i]) + k)
-            bar.update(f1 - f0)
-        sched.complete(plan.id)
-    seconds = time.perf_counter() - start
-    bar.close()
+    ``steps`` are assigned to the streams in turn (stream i samples with ``steps[i % len]``)."""
+    from crcm.pipeline import load
+    from crcm.runtime import Runtime
 
-    frames = {}
-    for sid, buf in buffers.items():
-        buf.close()
-        popped = []
-        while (item := buf.pop()) is not None:
-            popped.append(item[0])
-        frames[sid] = np.stack(popped)
-    for sid in range(streams):
-        sched.close(sid)
+    if streams < 1 or frames_per_stream < 1:
+        raise ConfigError("streams and frames must be >= 1")
+    pipe = load(model)
+    if not pipe.model.cfg.num_actions:
+        raise ConfigError(f"{model} takes no actions: the demo plays an action-conditioned model")
+    h, w, _ = pipe.frame_shape
+    per_stream = [steps[i % len(steps)] for i in range(streams)]
+    frames = {i: [] for i in range(streams)}
+    latencies: list[float] = []
+    pilots = [Autopilot(pipe.action_names, (h, w), seed + i) for i in range(streams)]
+    with Runtime(pipe, max_streams=streams) as rt:
+        sessions = [
+            rt.open(steps=per_stream[i], seed=seed + i, max_frames=frames_per_stream)
+            for i in range(streams)
+        ]
+        bar = _progress(streams * frames_per_stream, progress)
+        max_used = 0
+        start = time.perf_counter()
+        for _ in range(frames_per_stream):
+            pushed = time.perf_counter()
+            for i, session in enumerate(sessions):
+                last = frames[i][-1] if frames[i] else None
+                session.push_actions([pilots[i].act(last)])
+            rt.run_until_idle()  # one frame per stream, batched across the streams
+            max_used = max(max_used, rt.stats()["pages_used"])
+            for i, session in enumerate(sessions):
+                got = session.read()
+                frames[i].extend(got)
+                latencies.extend([1000 * (time.perf_counter() - pushed)] * len(got))
+                bar.update(len(got))
+        seconds = time.perf_counter() - start
+        bar.close()
+        capacity = rt.scheduler.num_pages
+    seen = {k: sum(p.seen[k] for p in pilots) for k in ("paddle", "ball", "frames")}
     return DemoReport(
+        model=pipe.name,
         streams=streams,
         frames=sum(len(f) for f in frames.values()),
         seconds=seconds,
-        ticks=ticks,
-        mean_tick_us=1e6 * tick_seconds / max(ticks, 1),
-        items=items,
+        latency_ms_p50=float(np.percentile(latencies, 50)),
+        latency_ms_p99=float(np.percentile(latencies, 99)),
+        steps=tuple(per_stream),
         max_pages_used=max_used,
-        pages_capacity=sched.num_pages,
-        frames_by_stream=frames,
+        pages_capacity=capacity,
+        paddle_found=seen["paddle"] / max(seen["frames"], 1),
+        ball_found=seen["ball"] / max(seen["frames"], 1),
+        frames_by_stream={i: np.stack(f) for i, f in frames.items()},
     )
 
 
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="frame", disable=not enabled, desc="streaming")
+    return tqdm(total=total, unit="frame", disable=not enabled, desc="playing")
