@@ -123,7 +123,9 @@ class RandomExitSchedule:
         """Steps of chunk 0 … ``num_chunks − 1`` (``iteration`` is unused)."""
         _check_positive(num_chunks=num_chunks)
         draws = 1 if self.same_across_chunks else num_chunks
-        n = torch.randint(1, self.max_steps + 1, (draws,), generator=generator).tolist()
+        n = torch.randint(
+            1, self.max_steps + 1, (draws,), generator=generator, device=_device_of(generator)
+        ).tolist()
         return tuple(n * num_chunks) if self.same_across_chunks else tuple(n)
 
 
@@ -731,8 +733,16 @@ def _chunk_time_indices(
     _check_positive(chunk_frames=chunk_frames)
     if T % chunk_frames:
         raise ConfigError(f"T={T} is not a multiple of chunk_frames={chunk_frames}")
-    k = torch.randint(0, num_times, (B, T // chunk_frames), generator=generator)
+    k = torch.randint(
+        0, num_times, (B, T // chunk_frames), generator=generator, device=_device_of(generator)
+    )
     return k.repeat_interleave(chunk_frames, dim=1)
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device | None:
+    """Where draws from ``generator`` must be made (the trainer's generators live on its device,
+    and torch refuses a CUDA generator for a CPU tensor)."""
+    return None if generator is None else generator.device
 
 
 def _chunk_times(

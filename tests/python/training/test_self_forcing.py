@@ -478,6 +478,18 @@ def test_ode_regression_loss_trains_the_student_on_the_pairs():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.gpu
+def test_random_draws_use_the_generators_device():
+    # The trainer's generators live on its device: ODE regression and the random exit schedule
+    # once drew CPU indices from a CUDA generator, which torch refuses.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    assert len(RandomExitSchedule(max_steps=4).steps(0, 3, gen)) == 3
+    student = tiny(1, torch.float32).cuda()
+    xs = torch.randn(2, 2, 2, 4, 8, 8, device="cuda")
+    loss = ode_regression_loss(student, xs, xs[:, 0], TIMES[:2], 1, generator=gen)
+    assert torch.isfinite(loss)
+
+
 def test_diffusion_forcing_outputs_denoise_data_noised_chunks_block_causally():
     student = tiny(1)
     data = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0)).double()
