@@ -234,6 +234,11 @@ def save_weights(model: CausalDiT, path: str | os.PathLike[str]) -> None:
     metadata = {"crcm_config": json.dumps(dataclasses.asdict(model.cfg))}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=metadata)
+    # safetensors creates its files readable by their owner alone; a model is meant to be shared
+    # (and shipped inside the package), so it gets the mode of any new file under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint at ``path``
 
 

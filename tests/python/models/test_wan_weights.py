@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,15 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     save_file(state, path, metadata={"crcm_config": read_metadata_config(path)})
     with pytest.raises(ValueError, match=r"missing \(1\): action_embedding\.weight"):
         load_weights(fresh, path)
+
+
+def test_saved_weights_are_readable_by_others_under_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_weights(crcm_model(get_config("tiny")), tmp_path / "tiny.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "tiny.safetensors").stat().st_mode) == 0o644
 
 
 def read_metadata_config(path: Path) -> str:
