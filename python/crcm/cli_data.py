@@ -77,7 +77,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from crcm.eval.harness import CopyLastFrame, EvalConfig, evaluate, load_model
 
-    model = load_model(args.model, steps=args.steps, sampler=args.sampler, name=args.name)
+    model = load_model(
+        args.model, steps=args.steps, sampler=args.sampler, shift=args.shift, name=args.name
+    )
     frame_hw = args.size
     if frame_hw is None:
         shape = getattr(getattr(model, "pipeline", None), "frame_shape", (64, 64))
@@ -174,6 +176,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         "--sampler",
         choices=("consistency", "teacher"),
         help="sampler preset instead of the pipeline's (teacher: Euler with CFG 3)",
+    )
+    p.add_argument(
+        "--shift", type=float, default=5.0, help="Euler grid shift of --sampler teacher (5)"
     )
     p.add_argument("--name", help="the model's label in the report (the pipeline's name)")
     p.add_argument(

@@ -140,17 +140,22 @@ class SamplerConfig:
 
 
 def get_preset(
-    name: str, steps: int | None = None, chunk_frames: int | None = None
+    name: str,
+    steps: int | None = None,
+    chunk_frames: int | None = None,
+    *,
+    shift: float = 5.0,
 ) -> SamplerConfig:
     """A named sampler: ``consistency`` (1–4 steps), ``teacher`` (Euler, CFG 3, 16 steps by
-    default) or ``self-forcing`` (the Self-Forcing release: c3-3, 4 steps, its warped times)."""
+    default, on a grid warped by ``shift``: match the teacher's training ``time_shift``) or
+    ``self-forcing`` (the Self-Forcing release: c3-3, 4 steps, its warped times)."""
     if name == "consistency":
         n = steps or 1
         config = SamplerConfig(steps_per_chunk=(n,), times=tuple(consistency_times(max(n, 1))))
     elif name == "teacher":
         n = steps or 16
         config = SamplerConfig(
-            kind="euler", steps_per_chunk=(n,), times=tuple(euler_times(n)), cfg_scale=3.0
+            kind="euler", steps_per_chunk=(n,), times=tuple(euler_times(n, shift)), cfg_scale=3.0
         )
     elif name == "self-forcing":
         n = steps or 4

@@ -231,13 +231,15 @@ def load_model(
     *,
     steps: int | None = None,
     sampler: str | None = None,
+    shift: float = 5.0,
     name: str | None = None,
 ) -> WorldModel:
     """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``).
 
     ``sampler`` names a preset (``consistency``, ``teacher``: Euler with CFG 3) that replaces
     the pipeline's sampler, keeping its chunk size and KV retention (sink + window, what the
-    model was trained to see); ``steps`` sets the steps per chunk; ``name`` labels the report.
+    model was trained to see); ``steps`` sets the steps per chunk; ``shift`` warps the teacher's
+    Euler grid (match its training ``time_shift``); ``name`` labels the report.
     """
     if name_or_path == CopyLastFrame.name:
         return CopyLastFrame()
@@ -248,7 +250,7 @@ def load_model(
     smp = None
     if sampler is not None:
         base = pipe.sampler
-        preset = get_preset(sampler, steps) if steps is not None else get_preset(sampler)
+        preset = get_preset(sampler, steps, shift=shift)
         smp = replace(
             preset,
             chunk_frames=base.chunk_frames,

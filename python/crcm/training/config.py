@@ -83,6 +83,10 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     ema_decay: float = 0.99
     chunk_frames: int = 1
+    # UniformShift(k) of the base and teacher stages' times (and of their sample videos' Euler
+    # grid). k = 5 (the papers', for large latent videos) spends most steps at high noise;
+    # small pixel-space frames with small objects need the low-noise end too: k = 1 (uniform).
+    time_shift: float = 5.0
     cond_dropout: float = 0.1
     context_noise: float = 0.0
     cfg_scale: float | None = None  # 3 for consistency distillation, 5 for DMD by default
@@ -127,6 +131,7 @@ class TrainConfig:
             f"data.frames={self.data.frames} is not a multiple of chunk_frames",
         )
         need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
+        need(self.time_shift > 0, f"time_shift must be positive, got {self.time_shift}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
         need(1 <= self.max_steps <= 4, "max_steps must be between 1 and 4")
         need(

@@ -262,7 +262,7 @@ class _Stage:
         logs: dict[str, Tensor] = {}
         if cfg.stage == "base":
             loss, logs = obj.flow_matching_loss(
-                student, x0, cond_dropout=cfg.cond_dropout, **common
+                student, x0, cond_dropout=cfg.cond_dropout, shift=cfg.time_shift, **common
             )
         elif cfg.stage in ("teacher-tf", "teacher-df"):
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
@@ -272,6 +272,7 @@ class _Stage:
                 x0,
                 chunk_frames=cfg.chunk_frames,
                 cond_dropout=cfg.cond_dropout,
+                shift=cfg.time_shift,
                 **extra,
                 **common,
             )
@@ -450,7 +451,8 @@ class _Stage:
         frames = cfg.data.frames
         if cfg.stage in TEACHER_STAGES:
             chunk = frames if cfg.stage == "base" else cfg.chunk_frames
-            sampler = replace(get_preset("teacher", SAMPLE_EULER_STEPS), chunk_frames=chunk)
+            preset = get_preset("teacher", SAMPLE_EULER_STEPS, shift=cfg.time_shift)
+            sampler = replace(preset, chunk_frames=chunk)
         else:
             sampler = self.sampler((cfg.max_steps,))
         first = self.data.batch(0, 1)
