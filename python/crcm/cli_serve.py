@@ -15,7 +15,7 @@ from pathlib import Path
 from crcm.cli import _positive, _steps
 from crcm.errors import ConfigError
 
-DEFAULT_PLAY_MODELS = ("breakout", "tiny")
+DEFAULT_PLAY_MODELS = ("breakout",)
 UNTRAINED_NOTE = "UNTRAINED (random weights): frames are noise and ignore the actions"
 
 
@@ -100,15 +100,15 @@ def add_play_parser(subparsers) -> argparse.ArgumentParser:
         help="play a world model in the browser (a local web server)",
         description="Serves a web page that streams a world model's frames and sends your keys "
         "as its actions. Every browser tab is a session of one shared runtime, so players are "
-        "batched together. Until the shipped Breakout model lands, the default models are "
-        "untrained (random weights), and labelled so.",
+        "batched together. The default is the shipped Breakout world model; `--model tiny` "
+        "serves an untrained model (random weights), labelled so.",
     )
     play.add_argument(
         "--model",
         action="append",
         metavar="NAME_OR_PATH",
         help="a shipped model name or pipeline folder; repeat to offer several "
-        f"(default: {', '.join(DEFAULT_PLAY_MODELS)}, untrained)",
+        f"(default: {', '.join(DEFAULT_PLAY_MODELS)})",
     )
     play.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     play.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (8000)")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import crcm
 from crcm import _native
@@ -46,6 +47,26 @@ def test_data_files_ship_inside_the_package():
         pytest.skip("editable install: the wheel's file list is checked by a non-editable install")
     assert "crcm/serve/static/index.html" in names
     assert "crcm/training/recipes/causal-rcm/2-tf-scm.toml" in names
+
+
+def test_shipped_breakout_model_loads_by_name():
+    """The default world model ships inside the package: within the size target, float16 on
+    disk, float32 once loaded, streaming the way it was trained (1 step, noisy context)."""
+    from crcm.pipeline import shipped_models
+
+    assert "breakout" in shipped_models()
+    pipe = crcm.load("breakout")
+    params = sum(p.numel() for p in pipe.model.parameters())
+    assert params <= 5_000_000, params
+    assert all(p.dtype == torch.float32 for p in pipe.model.parameters())
+    assert pipe.action_names == ("NOOP", "FIRE", "RIGHT", "LEFT")
+    assert pipe.sampler.steps_per_chunk == (1,) and not pipe.sampler.cache_update
+    assert pipe.model.cfg.frame_hw == (64, 64)
+    weights = PACKAGE / "weights" / "breakout" / "model.safetensors"
+    assert weights.stat().st_size < 10_000_000  # float16: ≈ 2 bytes per parameter
+    names = _installed_files()
+    if names is not None:
+        assert "crcm/weights/breakout/model.safetensors" in names
 
 
 def test_native_module_is_abi3_with_stub_and_marker():
@@ -90,16 +111,17 @@ def _crcm(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_demo_runs_and_saves_frames(tmp_path):
+def test_cli_demo_plays_the_shipped_model(tmp_path):
     out = tmp_path / "frames.npz"
     result = _crcm("demo", "--streams", "3", "--frames", "12", "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "3 streams, 36 frames" in result.stdout
+    assert "breakout: 3 streams, 36 frames" in result.stdout
+    assert "steps per frame 1,2,1" in result.stdout
     import numpy as np
 
     with np.load(out) as frames:
         assert sorted(frames) == ["stream_0", "stream_1", "stream_2"]
-        assert all(frames[k].shape == (12, 32, 32, 3) for k in frames)
+        assert all(frames[k].shape == (12, 64, 64, 3) for k in frames)
         assert all(frames[k].dtype == np.uint8 and frames[k].any() for k in frames)
 
 

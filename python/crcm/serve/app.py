@@ -62,11 +62,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013  # server full
 
-# Untrained fallbacks for the names that will become shipped models (see resolve_model).
-UNTRAINED_CONFIGS: dict[str, tuple[str, ...]] = {
-    "breakout": ("NOOP", "FIRE", "RIGHT", "LEFT"),
-    "tiny": (),
-}
+# Config names served with random weights when no shipped model has the name (resolve_model):
+# ``tiny`` tries the page and the runtime without a trained model.
+UNTRAINED_CONFIGS: dict[str, tuple[str, ...]] = {"tiny": ()}
 
 
 @dataclass(frozen=True)
@@ -129,9 +127,8 @@ class ModelEntry:
 
 
 def resolve_model(name_or_path: str) -> ModelEntry:
-    """A pipeline folder or shipped model via :func:`crcm.load`; until the shipped Breakout
-    model exists, ``breakout`` and ``tiny`` fall back to untrained pipelines of those configs
-    (labelled as such everywhere they are shown)."""
+    """A pipeline folder or shipped model via :func:`crcm.load`; ``tiny`` (no shipped model)
+    is an untrained pipeline of that config, labelled as such everywhere it is shown."""
     from crcm.pipeline import Pipeline, load, shipped_models
 
     is_folder = (Path(name_or_path) / "crcm.json").is_file()

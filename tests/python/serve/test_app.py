@@ -57,7 +57,7 @@ def _frames(ws, n: int, timeout: float = 20.0) -> list[tuple[dict, object]]:
     return out
 
 
-def _closed_with(ws, timeout: float = 10.0) -> tuple[int, dict | None]:
+def _closed_with(ws, timeout: float = 30.0) -> tuple[int, dict | None]:
     """Reads until the server closes: (close code, the error message it sent before)."""
     error = None
     deadline = time.monotonic() + timeout

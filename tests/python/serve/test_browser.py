@@ -131,10 +131,10 @@ def test_keys_drive_the_frames(browser, tmp_path):
     os.environ.get("CRCM_DOCS_SCREENSHOT") != "1", reason="set CRCM_DOCS_SCREENSHOT=1 to update"
 )
 def test_docs_screenshot(browser):
-    """Refreshes docs/play.png with the default model (labelled untrained until it ships)."""
+    """Refreshes docs/play.png with the default model, the shipped Breakout one."""
     from crcm.serve.app import PlayServer, ServeConfig, ServerThread, create_app, resolve_model
 
-    server = PlayServer([resolve_model("breakout"), resolve_model("tiny")], ServeConfig(seed=0))
+    server = PlayServer([resolve_model("breakout")], ServeConfig(seed=0))
     with ServerThread(create_app(server), server.config) as srv:
         browser.get(srv.url)
         _wait(browser, "window.crcmPlay.received >= 30", what="30 frames")
