@@ -49,6 +49,7 @@ class ServerProcess:
                 self.output.append(line)
                 if line.startswith("crcm play: http"):
                     found.append(line.split()[-1])
+                if found and "Ctrl+C stops" in line:  # the banner's last line: it is all read
                     ready.set()
             ready.set()
 
