@@ -178,7 +178,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="sampler preset instead of the pipeline's (teacher: Euler with CFG 3)",
     )
     p.add_argument(
-        "--shift", type=float, default=5.0, help="Euler grid shift of --sampler teacher (5)"
+        "--shift",
+        type=float,
+        default=5.0,  # crcm.sampling.DEFAULT_SHIFT, without torch
+        help="Euler grid shift of --sampler teacher (5)",
     )
     p.add_argument("--name", help="the model's label in the report (the pipeline's name)")
     p.add_argument(

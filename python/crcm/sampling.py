@@ -44,11 +44,16 @@ def consistency_times(steps: int, sigma_max: float = SIGMA_MAX) -> list[float]:
     return [sigma_max / (1 + sigma_max), 15 / 16, 5 / 6, 5 / 8][:steps]
 
 
+# UniformShift(5), the papers' warp for large latent videos: the default of the base and teacher
+# stages' training times (TrainConfig.time_shift) and of the teacher's Euler grid.
+DEFAULT_SHIFT = 5.0
+
+
 def _shift(s: float, shift: float) -> float:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def euler_times(steps: int, shift: float = 5.0) -> list[float]:
+def euler_times(steps: int, shift: float = DEFAULT_SHIFT) -> list[float]:
     """``steps`` Euler times from 1 towards 0 (0 excluded): a uniform grid warped by ``shift``."""
     if steps < 1:
         raise ConfigError(f"Euler sampling needs at least 1 step, got {steps}")
@@ -144,7 +149,7 @@ def get_preset(
     steps: int | None = None,
     chunk_frames: int | None = None,
     *,
-    shift: float = 5.0,
+    shift: float = DEFAULT_SHIFT,
 ) -> SamplerConfig:
     """A named sampler: ``consistency`` (1–4 steps), ``teacher`` (Euler, CFG 3, 16 steps by
     default, on a grid warped by ``shift``: match the teacher's training ``time_shift``) or

@@ -40,6 +40,7 @@ from crcm.data.atari import NO_ACTION, AtariEnv, run_episode
 from crcm.data.dataset import DEFAULT_POLICY_MIX, EVAL_SEED_BASE, episode_policy
 from crcm.errors import ConfigError
 from crcm.eval.breakout import BreakoutDetector, dynamic_mask, psnr, ssim_map
+from crcm.sampling import DEFAULT_SHIFT
 
 __all__ = [
     "CONTROL_SEQUENCES",
@@ -231,7 +232,7 @@ def load_model(
     *,
     steps: int | None = None,
     sampler: str | None = None,
-    shift: float = 5.0,
+    shift: float = DEFAULT_SHIFT,
     name: str | None = None,
 ) -> WorldModel:
     """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``).

@@ -86,7 +86,7 @@ class TrainConfig:
     # UniformShift(k) of the base and teacher stages' times (and of their sample videos' Euler
     # grid). k = 5 (the papers', for large latent videos) spends most steps at high noise;
     # small pixel-space frames with small objects need the low-noise end too: k = 1 (uniform).
-    time_shift: float = 5.0
+    time_shift: float = 5.0  # crcm.sampling.DEFAULT_SHIFT (this module stays free of torch)
     cond_dropout: float = 0.1
     context_noise: float = 0.0
     cfg_scale: float | None = None  # 3 for consistency distillation, 5 for DMD by default

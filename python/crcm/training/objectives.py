@@ -33,7 +33,7 @@ from torch.func import jvp
 from crcm.kernels._common import Backend
 from crcm.masks import Mask, block_causal_mask, teacher_forcing_mask
 from crcm.models.dit import CausalDiT
-from crcm.sampling import euler_step, euler_times
+from crcm.sampling import DEFAULT_SHIFT, euler_step, euler_times
 from crcm.training.jvp import model_jvp
 from crcm.training.timesteps import (
     add_noise,
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 Logs = dict[str, Tensor]
-TRAIN_SHIFT = 5.0  # UniformShift(5): the teachers' time sampler (stage 1, and stage 0 here)
+TRAIN_SHIFT = DEFAULT_SHIFT  # the teachers' time sampler (stage 1, and stage 0 here)
 
 
 # ---------------------------------------------------------------------------------------------

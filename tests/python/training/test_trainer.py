@@ -145,6 +145,19 @@ def test_config_errors_are_clear(tmp_path):
         train(load_config(None, [f'out="{run}"', "lr=0.5"], stage="base"), progress=False)
 
 
+def test_time_shift_defaults_agree():
+    # The config and the CLI stay free of torch, so they spell the default out: keep it one.
+    import argparse
+
+    from crcm.cli_data import add_eval_parser
+    from crcm.sampling import DEFAULT_SHIFT
+
+    assert load_config(None, stage="base").time_shift == DEFAULT_SHIFT
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    assert parser.parse_args(["eval", "--model", "m", "--out", "o.json"]).shift == DEFAULT_SHIFT
+
+
 def test_shipped_recipe_configs_parse():
     from pathlib import Path
 
