@@ -14,6 +14,14 @@ A and B are only ever needed summed, so they share one accumulator.
 It is forward-only (used under ``torch.no_grad`` by TF-sCM). Masks are :class:`crcm.masks.Mask`
 unions of rectangles; query rows with no allowed key get ``O = tO = 0``.
 
+Static tokens. In TF-sCM the clean context does not move: the first ``static_q`` queries and
+``static_k`` keys have zero tangents, and in cross-attention no key moves. Per tile the kernel then
+skips the products that would multiply zeros: a static key tile needs neither ``Q·tKᵀ`` nor
+``P̃·tV``, a static query tile needs no ``tQ·Kᵀ``, and a tile where neither moves is plain
+attention. Per score-tile this is 2 matrix products (neither moves), 4 (only the query moves),
+5 (only the key) or 6 (both), against the primal's 2: for the TF mask with 3 chunks the JVP does
+1.75× the primal's matrix work instead of 3×, and the ratio falls towards 1.5× with more chunks.
+
 Shapes: ``q, t_q, o, t_o``: ``[B, Lq, H, D]``; ``k, v, t_k, t_v``: ``[B, Lk, H, D]``.
 """
 
@@ -45,6 +53,9 @@ def attention_jvp(
     mask: Mask,
     scale: float | None = None,
     backend: Backend = "auto",
+    *,
+    static_q: int = 0,
+    static_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention and its JVP: ``(O, tO)``, both ``[B, Lq, H, D]`` in ``q``'s dtype.
 
@@ -54,11 +65,23 @@ def attention_jvp(
         mask: a ``Mask`` of size ``Lq × Lk`` (the same for every batch element and head).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: "triton", "torch" or "auto" (see :mod:`crcm.kernels`).
+        static_q: the first ``static_q`` queries do not move: their tangents are taken as zero
+            and never read (TF-sCM's clean context). In ``[0, Lq]``.
+        static_k: the same for the first ``static_k`` keys and values (``t_k`` and ``t_v``);
+            ``Lk`` means no key moves, as in cross-attention to a fixed condition.
+
+    Example — the JVP of one TF-sCM self-attention, whose clean half does not move::
+
+        mask = teacher_forcing_mask(num_frames=9, chunk_frames=3, tokens_per_frame=64)
+        clean = mask.num_q // 2
+        o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, mask, static_q=clean, static_k=clean)
     """
     scale = _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale)
+    static_q = _check_static("static_q", static_q, q.shape[1])
+    static_k = _check_static("static_k", static_k, k.shape[1])
     impl = resolve_backend(backend, _attention_jvp_kernel, q.device, q.dtype, q.shape[-1])
     run = _attention_jvp_triton if impl == "triton" else _attention_jvp_torch
-    return run(q, k, v, t_q, t_k, t_v, mask, scale)
+    return run(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k)
 
 
 def attention_jvp_reference(
@@ -70,6 +93,9 @@ def attention_jvp_reference(
     t_v: torch.Tensor,
     mask: Mask,
     scale: float | None = None,
+    *,
+    static_q: int = 0,
+    static_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: the explicit formula with the dense mask, in fp32 (fp64 for fp64 inputs).
 
@@ -77,13 +103,23 @@ def attention_jvp_reference(
     meant for tests and small CPU models, not for long sequences.
     """
     scale = _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale)
-    return _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale)
+    static_q = _check_static("static_q", static_q, q.shape[1])
+    static_k = _check_static("static_k", static_k, k.shape[1])
+    return _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k)
 
 
-def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale):
+def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k):
     compute = torch.promote_types(q.dtype, torch.float32)
     # [B, L, H, D] -> [B, H, L, D]
     q_, k_, v_, tq_, tk_, tv_ = (x.to(compute).transpose(1, 2) for x in (q, k, v, t_q, t_k, t_v))
+    # Static tokens' tangents are zero whatever the caller passed (`.to` may alias: no in-place).
+    if static_q:
+        tq_ = torch.cat([torch.zeros_like(tq_[:, :, :static_q]), tq_[:, :, static_q:]], 2)
+    if static_k:
+        tk_, tv_ = (
+            torch.cat([torch.zeros_like(x[:, :, :static_k]), x[:, :, static_k:]], 2)
+            for x in (tk_, tv_)
+        )
     allowed = mask.dense(q.device)
     s = (q_ @ k_.transpose(-1, -2)) * scale
     t_s = (tq_ @ k_.transpose(-1, -2) + q_ @ tk_.transpose(-1, -2)) * scale
@@ -111,9 +147,10 @@ def _launch_config(head_dim: int, interpreted: bool) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=64)
 def _block_map(
-    mask: Mask, block_m: int, block_n: int, device: torch.device
+    mask: Mask, block_m: int, block_n: int, static_k: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """Block-sparse form of ``mask`` for the kernel, built once per (mask, tiles, device).
+    """Block-sparse form of ``mask`` for the kernel, built once per (mask, tiles, static keys,
+    device).
 
     Why a per-query-tile list of key tiles rather than the raw rectangles: rectangles that touch
     one query tile can overlap in keys (a tile straddling two block-causal chunks sees both
@@ -125,8 +162,10 @@ def _block_map(
     Returns int32 tensors:
         ``blocks_indptr [n_q_tiles + 1]``, ``blocks [nnz]`` (key tile index, ascending per query
         tile), ``blocks_full [nnz]`` (1 if every in-range element of the tile is allowed),
-        ``rects_indptr [n_q_tiles + 1]``, ``rects [n, 4]`` (the rectangles touching each query
-        tile, to evaluate the per-element mask of partial tiles).
+        ``blocks_moving [n_q_tiles]`` (index into ``blocks`` of the query tile's first key tile
+        with a key at or past ``static_k``: the list is ascending, so the static key tiles come
+        first), ``rects_indptr [n_q_tiles + 1]``, ``rects [n, 4]`` (the rectangles touching each
+        query tile, to evaluate the per-element mask of partial tiles).
     """
     num_q, num_k = mask.num_q, mask.num_k
     rects = np.array(mask.rects, dtype=np.int64).reshape(-1, 4)
@@ -155,35 +194,31 @@ def _block_map(
 
     tile_end = np.minimum(q_tiles + block_m, num_q)
     touches = (rects[None, :, 0] < tile_end[:, None]) & (rects[None, :, 1] > q_tiles[:, None])
-
-    def indptr(counts: np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(counts)])
-
+    blocks_indptr = np.concatenate([[0], np.cumsum(touched.sum(1))])
+    static_tiles = touched & (k_tiles + block_n <= static_k)[None, :]
     arrays = (
-        indptr(touched.sum(1)),
+        blocks_indptr,
         np.nonzero(touched)[1],
         full[touched],
-        indptr(touches.sum(1)),
+        blocks_indptr[:-1] + static_tiles.sum(1),
+        np.concatenate([[0], np.cumsum(touches.sum(1))]),
         rects[np.nonzero(touches)[1]],
     )
     return tuple(torch.from_numpy(np.ascontiguousarray(x, np.int32)).to(device) for x in arrays)
 
 
-def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale):
+def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k):
     # Dense [B, L, H, D] inputs let the kernel share one offset formula for q/tq and k/v/tk/tv;
     # .contiguous() is free in the usual case and the copies are O(L·D), not O(L²).
     q, k, v, t_q, t_k, t_v = (x.contiguous() for x in (q, k, v, t_q, t_k, t_v))
     batch, len_q, num_heads, head_dim = q.shape
     o, t_o = torch.empty_like(q), torch.empty_like(q)
     cfg = _launch_config(head_dim, is_interpreted(_attention_jvp_kernel))
-    blocks_indptr, blocks, blocks_full, rects_indptr, rects = _block_map(
-        mask, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device
-    )
+    block_map = _block_map(mask, cfg["BLOCK_M"], cfg["BLOCK_N"], static_k, q.device)
     grid = (triton.cdiv(len_q, cfg["BLOCK_M"]), batch * num_heads)
     _attention_jvp_kernel[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o,
-        blocks_indptr, blocks, blocks_full, rects_indptr, rects,
-        len_q, k.shape[1], scale,
+        q, k, v, t_q, t_k, t_v, o, t_o, *block_map,
+        len_q, k.shape[1], static_q, static_k, scale,
         H=num_heads, HEAD_DIM=head_dim, **cfg,
     )  # fmt: skip
     return o, t_o
@@ -192,23 +227,27 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale):
 @triton.jit
 def _attention_jvp_kernel(
     q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, to_ptr,
-    blocks_indptr_ptr, blocks_ptr, blocks_full_ptr, rects_indptr_ptr, rects_ptr,
-    len_q, len_k, scale,
+    blocks_indptr_ptr, blocks_ptr, blocks_full_ptr, blocks_moving_ptr, rects_indptr_ptr, rects_ptr,
+    len_q, len_k, static_q, static_k, scale,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(query tiles, B·H)``; one program = one query tile of one (batch, head)."""
+    """Grid ``(query tiles, B·H)``; one program = one query tile of one (batch, head).
+
+    The key tiles run in two loops, static keys first, each specialised at compile time on
+    whether the query tile and the key tiles move, so that no product with a zero tangent is
+    computed and no zero tangent is loaded.
+    """
     tile = tl.program_id(0)
     batch = tl.program_id(1) // H
     head = tl.program_id(1) % H
     token_stride: tl.constexpr = H * HEAD_DIM
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    q_rows = (batch * len_q + rows).to(tl.int64)
-    q_offs = q_rows[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
+    q_offs = (batch * len_q + rows).to(tl.int64)[:, None] * token_stride + head * HEAD_DIM + dims
     row_ok = rows[:, None] < len_q
     q = tl.load(q_ptr + q_offs, mask=row_ok, other=0.0)
-    tq = tl.load(tq_ptr + q_offs, mask=row_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax runs in base 2
+    # Batch b, head h, key 0: the key-side tensors share this offset.
+    kv_base = batch.to(tl.int64) * len_k * token_stride + head * HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # ℓ = Σ P̃
@@ -216,23 +255,71 @@ def _attention_jvp_kernel(
     acc_o = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # Õ = Σ P̃·V
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # A + B = Σ P̃·tV + Σ (P̃ ⊙ tS)·V
 
+    lo = tl.load(blocks_indptr_ptr + tile)
+    moving = tl.load(blocks_moving_ptr + tile)
+    hi = tl.load(blocks_indptr_ptr + tile + 1)
     rect_lo = tl.load(rects_indptr_ptr + tile)
     rect_hi = tl.load(rects_indptr_ptr + tile + 1)
-    for j in range(tl.load(blocks_indptr_ptr + tile), tl.load(blocks_indptr_ptr + tile + 1)):
+    if (tile + 1) * BLOCK_M > static_q:  # some query of the tile moves
+        tq = tl.load(tq_ptr + q_offs, mask=row_ok & (rows[:, None] >= static_q), other=0.0)
+        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+            q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, lo, moving,
+            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=True, K_MOVES=False,
+        )  # fmt: skip
+        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+            q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, moving, hi,
+            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=True, K_MOVES=True,
+        )  # fmt: skip
+    else:
+        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+            q, q, rows, m_i, l_i, r_i, acc_o, acc_t, lo, moving,
+            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=False, K_MOVES=False,
+        )  # fmt: skip
+        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+            q, q, rows, m_i, l_i, r_i, acc_o, acc_t, moving, hi,
+            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=False, K_MOVES=True,
+        )  # fmt: skip
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc_o * inv_l[:, None]
+    t_o = acc_t * inv_l[:, None] - (r_i * inv_l)[:, None] * o
+    tl.store(o_ptr + q_offs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(to_ptr + q_offs, t_o.to(to_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _jvp_key_tiles(
+    q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, lo, hi,
+    k_ptr, v_ptr, tk_ptr, tv_ptr,
+    blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+    TOKEN_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_MOVES: tl.constexpr, K_MOVES: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax steps over key tiles ``blocks[lo:hi]``, updating ``(m, ℓ, r, Õ, A + B)``.
+
+    ``Q_MOVES``/``K_MOVES`` say whether the query tile / these key tiles hold any moving token;
+    ``tq`` is only read when ``Q_MOVES``. Without either, ``r`` and ``A + B`` are left alone: the
+    static key tiles run first, so they are still zero then and need no rescaling.
+    """
+    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax runs in base 2
+    dims = tl.arange(0, HEAD_DIM)
+    for j in range(lo, hi):
         cols = tl.load(blocks_ptr + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_rows = (batch * len_k + cols).to(tl.int64)
-        k_offs = k_rows[:, None] * token_stride + head * HEAD_DIM + dims[None, :]
+        k_offs = cols.to(tl.int64)[:, None] * TOKEN_STRIDE + dims[None, :]
         col_ok = cols[:, None] < len_k
         k = tl.load(k_ptr + k_offs, mask=col_ok, other=0.0)
         v = tl.load(v_ptr + k_offs, mask=col_ok, other=0.0)
-        tk = tl.load(tk_ptr + k_offs, mask=col_ok, other=0.0)
-        tv = tl.load(tv_ptr + k_offs, mask=col_ok, other=0.0)
-
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        t_s = tl.dot(tq, tl.trans(k))
-        t_s = tl.dot(q, tl.trans(tk), t_s) * scale
         if tl.load(blocks_full_ptr + j) == 0:
-            allowed = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
+            allowed = tl.zeros([q.shape[0], BLOCK_N], tl.int1)
             for r in range(rect_lo, rect_hi):
                 q0 = tl.load(rects_ptr + 4 * r)
                 q1 = tl.load(rects_ptr + 4 * r + 1)
@@ -249,20 +336,35 @@ def _attention_jvp_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
-        p_ts = p * t_s
         l_i = l_i * alpha + tl.sum(p, 1)
-        r_i = r_i * alpha + tl.sum(p_ts, 1)
         p_in = p.to(v.dtype)
         acc_o = acc_o * alpha[:, None] + tl.dot(p_in, v)
-        acc_t = acc_t * alpha[:, None] + tl.dot(p_in, tv)
-        acc_t = tl.dot(p_ts.to(v.dtype), v, acc_t)
+        if Q_MOVES or K_MOVES:
+            if K_MOVES:
+                # A tile straddling static_k reads only its moving keys' tangents.
+                moves = col_ok & (cols[:, None] >= static_k)
+                tk = tl.load(tk_ptr + k_offs, mask=moves, other=0.0)
+                tv = tl.load(tv_ptr + k_offs, mask=moves, other=0.0)
+                t_s = tl.dot(q, tl.trans(tk))
+                if Q_MOVES:
+                    t_s = tl.dot(tq, tl.trans(k), t_s)
+                acc_t = tl.dot(p_in, tv, acc_t * alpha[:, None])
+            else:
+                t_s = tl.dot(tq, tl.trans(k))
+                acc_t = acc_t * alpha[:, None]
+            p_ts = p * (t_s * scale)
+            r_i = r_i * alpha + tl.sum(p_ts, 1)
+            acc_t = tl.dot(p_ts.to(v.dtype), v, acc_t)
         m_i = m_new
+    return m_i, l_i, r_i, acc_o, acc_t
 
-    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc_o * inv_l[:, None]
-    t_o = acc_t * inv_l[:, None] - (r_i * inv_l)[:, None] * o
-    tl.store(o_ptr + q_offs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(to_ptr + q_offs, t_o.to(to_ptr.dtype.element_ty), mask=row_ok)
+
+def _check_static(name: str, value: int, length: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= length:
+        raise ValueError(f"{name} must lie in [0, {length}], got {value}")
+    return value
 
 
 def _check_inputs(q, k, v, t_q, t_k, t_v, mask, scale) -> float:

@@ -663,7 +663,8 @@ def _noisy_half_jvp(
     backend: Backend,
 ) -> Tensor:
     """JVP of the packed forward's noisy half along tangents ``(t_x, t_s)`` of the noisy half
-    (one time tangent per clip); the clean context has zero tangents: it does not move."""
+    (one time tangent per clip); the clean context has zero tangents: it does not move, and
+    ``static_frames`` lets the attention JVPs skip the products with those zeros."""
     B, T = t_x_B_T_C_H_W.shape[:2]
     t_s_B_T = t_s_B[:, None].expand(B, T)
     _, t_v_B_2T = model_jvp(
@@ -676,6 +677,7 @@ def _noisy_half_jvp(
         cond=cond,
         actions_B_T=batch.actions_B_2T,
         mask=batch.mask,
+        static_frames=T,
         backend=backend,
     )
     return batch.noisy_half(t_v_B_2T)

@@ -178,14 +178,108 @@ def test_kernel_random_sweep(kind, num_chunks, chunk_frames, tokens_per_frame, h
     assert_close(attention_jvp(*inputs, mask, backend="triton"), expected, dtype)
 
 
+# --- static tokens: tangents taken as zero and never read ------------------------------------
+
+
+def poison_static(inputs, static_q: int, static_k: int) -> tuple[torch.Tensor, ...]:
+    """The inputs with NaN in the static tokens' tangents: any read of them would show."""
+    q, k, v, t_q, t_k, t_v = (x.clone() for x in inputs)
+    t_q[:, :static_q] = math.nan
+    t_k[:, :static_k] = math.nan
+    t_v[:, :static_k] = math.nan
+    return q, k, v, t_q, t_k, t_v
+
+
+def zero_static(inputs, static_q: int, static_k: int) -> tuple[torch.Tensor, ...]:
+    q, k, v, t_q, t_k, t_v = (x.clone() for x in inputs)
+    t_q[:, :static_q] = 0
+    t_k[:, :static_k] = 0
+    t_v[:, :static_k] = 0
+    return q, k, v, t_q, t_k, t_v
+
+
+@pytest.mark.parametrize(
+    ("name", "static_q", "static_k"),
+    [
+        ("tf-unaligned", 20, 20),  # the clean half: tiles straddle the boundary
+        ("tf-aligned", 64, 64),  # the clean half on a tile edge
+        ("full-unaligned", 0, 21),  # no key moves (cross-attention)
+        ("custom", 36, 0),  # no query moves
+        ("custom", 7, 33),
+        ("block-causal-unaligned", 30, 30),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_static_tokens(name: str, static_q: int, static_k: int, dtype: torch.dtype) -> None:
+    mask = MASKS[name]
+    inputs = make_inputs(mask, dtype=dtype, seed=8)
+    expected = attention_jvp_reference(*zero_static(inputs, static_q, static_k), mask)
+    poisoned = poison_static(inputs, static_q, static_k)
+    statics = {"static_q": static_q, "static_k": static_k}
+    # The reference takes them as zero too; the kernel must also skip their loads.
+    assert_close(attention_jvp_reference(*poisoned, mask, **statics), expected, dtype)
+    assert_close(attention_jvp(*poisoned, mask, backend="triton", **statics), expected, dtype)
+
+
+def test_static_tokens_change_the_result() -> None:
+    """The flags are honoured, not ignored: with moving clean tokens the JVP differs."""
+    mask = MASKS["tf-unaligned"]
+    inputs = make_inputs(mask, seed=9)
+    _, moving = attention_jvp(*inputs, mask, backend="triton")
+    _, static = attention_jvp(*inputs, mask, backend="triton", static_q=20, static_k=20)
+    assert (moving - static).abs().max() > 0.1
+
+
+def test_tf_clean_half_has_zero_tangent() -> None:
+    """In the TF mask clean queries see only clean keys: with a static clean half their tO is 0,
+    computed by the kernel's primal-only path (query tiles wholly static)."""
+    mask = MASKS["tf-aligned"]
+    clean = mask.num_q // 2
+    inputs = poison_static(make_inputs(mask, seed=10), clean, clean)
+    o, t_o = attention_jvp(*inputs, mask, backend="triton", static_q=clean, static_k=clean)
+    assert torch.isfinite(o).all()
+    assert (t_o[:, :clean] == 0).all()
+    assert t_o[:, clean:].abs().max() > 0.1
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    num_chunks=st.integers(1, 3),
+    tokens_per_frame=st.integers(1, 13),
+    static_q=st.floats(0, 1),
+    static_k=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_static_tokens_random_sweep(num_chunks, tokens_per_frame, static_q, static_k,
+                                    seed) -> None:  # fmt: skip
+    mask = teacher_forcing_mask(num_chunks * 2, 2, tokens_per_frame)
+    statics = {"static_q": round(static_q * mask.num_q), "static_k": round(static_k * mask.num_k)}
+    inputs = make_inputs(mask, batch=1, heads=2, head_dim=16, seed=seed)
+    expected = attention_jvp_reference(*inputs, mask, **statics)
+    actual = attention_jvp(*inputs, mask, backend="triton", **statics)
+    assert_close(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("static_k", [0, 5, 16, 40])
+def test_block_map_static_key_tiles_come_first(static_k: int) -> None:
+    mask = MASKS["tf-unaligned"]
+    indptr, blocks, _, moving, _, _ = (
+        x.numpy() for x in jvp_module._block_map(mask, 16, 16, static_k, torch.device("cpu"))
+    )
+    for t in range(len(indptr) - 1):
+        assert indptr[t] <= moving[t] <= indptr[t + 1]
+        assert ((blocks[indptr[t] : moving[t]] + 1) * 16 <= static_k).all()
+        assert ((blocks[moving[t] : indptr[t + 1]] + 1) * 16 > static_k).all()
+
+
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (8, 32), (32, 8)])
 def test_block_map_matches_dense_mask(name: str, block_m: int, block_n: int) -> None:
     """Touched tiles = tiles with an allowed element; full tiles = wholly allowed; each query
     tile's rectangles reproduce its rows of the dense mask."""
     mask = MASKS[name]
-    indptr, blocks, full, rect_indptr, rects = (
-        x.numpy() for x in jvp_module._block_map(mask, block_m, block_n, torch.device("cpu"))
+    indptr, blocks, full, _, rect_indptr, rects = (
+        x.numpy() for x in jvp_module._block_map(mask, block_m, block_n, 0, torch.device("cpu"))
     )
     dense = mask.dense().numpy()
     n_qt, n_kt = -(-mask.num_q // block_m), -(-mask.num_k // block_n)
@@ -242,6 +336,21 @@ def test_rejects_unsupported_triton_inputs() -> None:
         attention_jvp(*make_inputs(mask), mask, scale=0.0)
 
 
+@pytest.mark.parametrize(
+    ("statics", "error", "match"),
+    [
+        ({"static_q": 41}, ValueError, r"static_q must lie in \[0, 40\], got 41"),
+        ({"static_k": -1}, ValueError, r"static_k must lie in \[0, 40\], got -1"),
+        ({"static_q": 2.0}, TypeError, "static_q must be an int, got float"),
+        ({"static_k": True}, TypeError, "static_k must be an int, got bool"),
+    ],
+)
+def test_rejects_bad_static_counts(statics: dict, error: type, match: str) -> None:
+    mask = MASKS["tf-unaligned"]
+    with pytest.raises(error, match=match):
+        attention_jvp(*make_inputs(mask), mask, **statics)
+
+
 # --- GPU -------------------------------------------------------------------------------------
 
 
@@ -259,3 +368,9 @@ def test_gpu_kernel_matches_reference(kind: str, head_dim: int, dtype: torch.dty
     inputs = make_inputs(mask, batch=2, heads=4, head_dim=head_dim, dtype=dtype, device="cuda")
     expected = attention_jvp_reference(*inputs, mask)
     assert_close(attention_jvp(*inputs, mask), expected, dtype)
+    if kind == "tf":  # as TF-sCM calls it: the clean half does not move
+        clean = mask.num_q // 2
+        statics = {"static_q": clean, "static_k": clean}
+        expected = attention_jvp_reference(*inputs, mask, **statics)
+        assert_close(attention_jvp(*poison_static(inputs, clean, clean), mask, **statics),
+                     expected, dtype)  # fmt: skip

@@ -128,6 +128,44 @@ def test_model_jvp_float32_triton_interpreter_matches_torch_backend():
     torch.testing.assert_close(t_v, t_v_ref, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_frames_give_the_same_tangents(backend: str):
+    """TF-sCM's clean half: zero tangents taken as static give what zeros passed in give, and
+    whatever the caller put there is ignored."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    cfg = TEXT.replace(dim=32, num_heads=2)  # head_dim 16 for the kernel; cross-attention too
+    torch.manual_seed(0)
+    model = randomized(CausalDiT(cfg))
+    T = 4
+    x, s, t_x, t_s, cond, actions = (
+        a.float() if a.is_floating_point() else a for a in inputs(cfg, T, B=1)
+    )
+    mask, pos = mask_and_positions("tf", T)
+    kw = dict(frame_pos_B_T=pos[None], cond=cond, actions_B_T=actions, mask=mask, backend=backend)
+    zeroed_x, zeroed_s = t_x.clone(), t_s.clone()
+    zeroed_x[:, : T // 2], zeroed_s[:, : T // 2] = 0, 0
+    v_ref, t_v_ref = model_jvp(model, x, s, zeroed_x, zeroed_s, **kw)
+    v, t_v = model_jvp(model, x, s, t_x, t_s, static_frames=T // 2, **kw)
+    assert t_v_ref[:, T // 2 :].abs().max() > 1e-2  # the noisy half moves
+    assert (t_v[:, : T // 2] == 0).all()  # the clean half stays put
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_v, t_v_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_static_frames_are_validated():
+    model = CausalDiT(TINY)
+    x = torch.randn(1, 4, 4, 8, 8)
+    s = torch.rand(1, 4)
+    tf_mask, _ = mask_and_positions("tf", 4)
+    with pytest.raises(ValueError, match="static tokens attend to moving"):
+        model_jvp(model, x, s, x, s, mask=full_mask(4, TPF), static_frames=2)
+    with pytest.raises(ValueError, match=r"static_frames must be a multiple .* in \[0, 4\]"):
+        model_jvp(model, x, s, x, s, mask=tf_mask, static_frames=5)
+    with pytest.raises(TypeError, match="static_frames must be an int"):
+        model_jvp(model, x, s, x, s, mask=tf_mask, static_frames=2.0)
+
+
 def test_model_jvp_validates_tangents_and_mask():
     model = CausalDiT(TINY)
     x = torch.randn(1, 2, 4, 8, 8)
