@@ -215,12 +215,21 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
     o, t_o = torch.empty_like(q), torch.empty_like(q)
     cfg = _launch_config(head_dim, is_interpreted(_attention_jvp_kernel))
     block_map = _block_map(mask, cfg["BLOCK_M"], cfg["BLOCK_N"], static_k, q.device)
-    grid = (triton.cdiv(len_q, cfg["BLOCK_M"]), batch * num_heads)
-    _attention_jvp_kernel[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o, *block_map,
-        len_q, k.shape[1], static_q, static_k, scale,
-        H=num_heads, HEAD_DIM=head_dim, **cfg,
-    )  # fmt: skip
+    # Query tiles wholly before static_q run in a launch compiled without query tangents, the
+    # rest in one with them. One kernel branching on the tile instead would hold both variants'
+    # pipeline buffers at once: 278 KB of shared memory at D=128 on sm_90, past the 227 KB limit.
+    num_tiles = triton.cdiv(len_q, cfg["BLOCK_M"])
+    static_tiles = static_q // cfg["BLOCK_M"]
+    for first, count, q_moves in (
+        (0, static_tiles, False),
+        (static_tiles, num_tiles - static_tiles, True),
+    ):
+        if count:
+            _attention_jvp_kernel[(count, batch * num_heads)](
+                q, k, v, t_q, t_k, t_v, o, t_o, *block_map,
+                first, len_q, k.shape[1], static_q, static_k, scale,
+                H=num_heads, HEAD_DIM=head_dim, Q_MOVES=q_moves, **cfg,
+            )  # fmt: skip
     return o, t_o
 
 
@@ -228,16 +237,18 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
 def _attention_jvp_kernel(
     q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, to_ptr,
     blocks_indptr_ptr, blocks_ptr, blocks_full_ptr, blocks_moving_ptr, rects_indptr_ptr, rects_ptr,
-    len_q, len_k, static_q, static_k, scale,
+    first_tile, len_q, len_k, static_q, static_k, scale,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q_MOVES: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(query tiles, B·H)``; one program = one query tile of one (batch, head).
+    """Grid ``(query tiles from first_tile on, B·H)``; one program = one query tile of one
+    (batch, head). ``Q_MOVES``: whether the launch's query tiles hold any moving query.
 
     The key tiles run in two loops, static keys first, each specialised at compile time on
-    whether the query tile and the key tiles move, so that no product with a zero tangent is
-    computed and no zero tangent is loaded.
+    whether the key tiles move, so that no product with a zero tangent is computed and no zero
+    tangent is loaded.
     """
-    tile = tl.program_id(0)
+    tile = first_tile + tl.program_id(0)
     batch = tl.program_id(1) // H
     head = tl.program_id(1) % H
     token_stride: tl.constexpr = H * HEAD_DIM
@@ -260,33 +271,22 @@ def _attention_jvp_kernel(
     hi = tl.load(blocks_indptr_ptr + tile + 1)
     rect_lo = tl.load(rects_indptr_ptr + tile)
     rect_hi = tl.load(rects_indptr_ptr + tile + 1)
-    if (tile + 1) * BLOCK_M > static_q:  # some query of the tile moves
+    if Q_MOVES:
         tq = tl.load(tq_ptr + q_offs, mask=row_ok & (rows[:, None] >= static_q), other=0.0)
-        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
-            q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, lo, moving,
-            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
-            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
-            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=True, K_MOVES=False,
-        )  # fmt: skip
-        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
-            q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, moving, hi,
-            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
-            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
-            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=True, K_MOVES=True,
-        )  # fmt: skip
     else:
-        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
-            q, q, rows, m_i, l_i, r_i, acc_o, acc_t, lo, moving,
-            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
-            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
-            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=False, K_MOVES=False,
-        )  # fmt: skip
-        m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
-            q, q, rows, m_i, l_i, r_i, acc_o, acc_t, moving, hi,
-            k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
-            blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
-            token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=False, K_MOVES=True,
-        )  # fmt: skip
+        tq = q  # never read
+    m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+        q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, lo, moving,
+        k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+        blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+        token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=Q_MOVES, K_MOVES=False,
+    )  # fmt: skip
+    m_i, l_i, r_i, acc_o, acc_t = _jvp_key_tiles(
+        q, tq, rows, m_i, l_i, r_i, acc_o, acc_t, moving, hi,
+        k_ptr + kv_base, v_ptr + kv_base, tk_ptr + kv_base, tv_ptr + kv_base,
+        blocks_ptr, blocks_full_ptr, rects_ptr, rect_lo, rect_hi, len_k, static_k, scale,
+        token_stride, HEAD_DIM, BLOCK_N, Q_MOVES=Q_MOVES, K_MOVES=True,
+    )  # fmt: skip
 
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o = acc_o * inv_l[:, None]
