@@ -4,8 +4,12 @@ Triton ships with the Linux CUDA wheels of torch but not with CPU-only or macOS 
 kernel modules must import without it: the torch reference is the CPU path everywhere (design §3).
 """
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -13,6 +17,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.interpreter import InterpretedFunction
 
     HAS_TRITON = True
@@ -33,13 +38,18 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
 
     triton = tl = _NoTriton()
     InterpretedFunction = ()  # isinstance(x, ()) is always False
+    OutOfResources = RuntimeError
     HAS_TRITON = False
 
 __all__ = [
     "BACKEND_ENV",
     "HAS_TRITON",
+    "INTERPRETER_CONFIG",
     "Backend",
+    "LaunchConfig",
+    "LaunchLadder",
     "check_scale",
+    "forced_launch_config",
     "is_interpreted",
     "resolve_backend",
     "tl",
@@ -115,3 +125,99 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite, got {scale}")
     return float(scale)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of one compilation of a kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict[str, int]:
+        """The kernel launch's keyword arguments."""
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
+
+# The interpreter is slow per element and the tests use tiny shapes: the smallest legal tiles.
+INTERPRETER_CONFIG = LaunchConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+_FORCED: ContextVar[LaunchConfig | None] = ContextVar("crcm_forced_launch_config", default=None)
+
+
+@contextlib.contextmanager
+def forced_launch_config(config: LaunchConfig) -> Iterator[None]:
+    """Launch every kernel with ``config`` inside the block (benchmarks that compare tile sizes,
+    tests of other tilings under the interpreter); the usual choice resumes after it."""
+    token = _FORCED.set(config)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+class LaunchLadder:
+    """A kernel's GPU launch configurations in order of preference, and per device and
+    specialisation the first that fits.
+
+    Why a ladder and not one configuration: the preferred tiles' shared memory (up to ~180 KB,
+    multi-buffered K/V tiles) fits sm_80/sm_90 but not the ~100 KB of sm_86/sm_89, and Triton
+    reports that only when it loads the compiled kernel (``OutOfResources``, before anything
+    runs). So the first launch on a device walks down the ladder, and the rung that loaded is
+    remembered. Why not ``triton.autotune``: timing candidates on first use stalls a streaming
+    session for seconds whenever a new shape appears; the order here comes from
+    ``benches/bench_kernels.py --configs`` on a real GPU instead.
+    """
+
+    def __init__(self, name: str, rungs: Callable[[int], Sequence[LaunchConfig]]) -> None:
+        self._name = name
+        self._rungs = rungs  # head_dim -> configurations, preferred first
+        self._fits: dict[tuple, LaunchConfig] = {}
+
+    def rungs(self, head_dim: int) -> Sequence[LaunchConfig]:
+        return self._rungs(head_dim)
+
+    def launch(
+        self,
+        launch: Callable[[LaunchConfig], None],
+        *,
+        device: torch.device,
+        head_dim: int,
+        interpreted: bool,
+        specialisation: tuple = (),
+    ) -> LaunchConfig:
+        """Run ``launch(config)`` with the configuration for this device; return it.
+
+        ``launch`` must be repeatable (it is retried with the next rung when a configuration
+        does not fit); ``specialisation`` names what else changes the compiled kernel's
+        resources (dtype, constexpr flags).
+        """
+        forced = _FORCED.get()
+        if forced is not None or interpreted:
+            config = forced or INTERPRETER_CONFIG
+            launch(config)
+            return config
+        key = (device.index, head_dim, *specialisation)
+        if key in self._fits:
+            launch(self._fits[key])
+            return self._fits[key]
+        refusals = []
+        for config in self._rungs(head_dim):
+            try:
+                launch(config)
+            except OutOfResources as error:
+                refusals.append(f"{config}: {error}")
+                continue
+            self._fits[key] = config
+            return config
+        raise RuntimeError(
+            f"no launch configuration of the {self._name} kernel fits this GPU "
+            f"(head_dim={head_dim}); set CRCM_ATTENTION_BACKEND=torch to use the torch path. "
+            "Refusals: " + "; ".join(refusals)
+        )

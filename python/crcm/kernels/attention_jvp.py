@@ -32,6 +32,8 @@ import torch
 
 from crcm.kernels._common import (
     Backend,
+    LaunchConfig,
+    LaunchLadder,
     check_scale,
     is_interpreted,
     resolve_backend,
@@ -132,17 +134,30 @@ def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k
     return o.transpose(1, 2).to(q.dtype), t_o.transpose(1, 2).to(q.dtype)
 
 
-def _launch_config(head_dim: int, interpreted: bool) -> dict[str, int]:
-    """Tile sizes and warps. The interpreter gets the smallest legal tiles. On GPU the JVP holds
-    two ``BLOCK_M × D`` fp32 accumulators (Õ and A + B) and three score tiles (S, tS, P ⊙ tS)
-    where FlashAttention holds one and one, so D=128 gets half-height tiles. Picked by compiling
-    offline for sm_90 (no GPU was available to time them) as the fewest register spills: 80 bytes
-    at D=64, 400 at D=128. Tune them with benches/bench_kernels.py on a real GPU."""
-    if interpreted:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
+    """GPU launch configurations, preferred first (see :class:`LaunchLadder`). The JVP holds two
+    ``BLOCK_M × D`` fp32 accumulators (Õ and A + B) and up to three score tiles (S, tS, P ⊙ tS)
+    where FlashAttention holds one and one, and streams four key-side tiles (K, V, tK, tV), so
+    its tiles are smaller than the primal's. The first rung is the configuration timed on an
+    H200 (benches/results/kernels-nvidia-h200.json); the others step down in shared memory. In an
+    offline sm_90 compile (Triton 3.9) the rungs take, at D=128, 176, 106, 100 and 70 KB of
+    shared memory and spill 88, 0, 16 and 80 bytes of registers; at D=64, 106, 70 and 33 KB
+    and none."""
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        return (
+            LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+            LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
+            LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=1),
+        )
+    return (
+        LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
+        LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=1),
+    )
+
+
+_LADDER = LaunchLadder("attention JVP", _rungs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,23 +228,32 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
     q, k, v, t_q, t_k, t_v = (x.contiguous() for x in (q, k, v, t_q, t_k, t_v))
     batch, len_q, num_heads, head_dim = q.shape
     o, t_o = torch.empty_like(q), torch.empty_like(q)
-    cfg = _launch_config(head_dim, is_interpreted(_attention_jvp_kernel))
-    block_map = _block_map(mask, cfg["BLOCK_M"], cfg["BLOCK_N"], static_k, q.device)
-    # Query tiles wholly before static_q run in a launch compiled without query tangents, the
-    # rest in one with them. One kernel branching on the tile instead would hold both variants'
-    # pipeline buffers at once: 278 KB of shared memory at D=128 on sm_90, past the 227 KB limit.
-    num_tiles = triton.cdiv(len_q, cfg["BLOCK_M"])
-    static_tiles = static_q // cfg["BLOCK_M"]
-    for first, count, q_moves in (
-        (0, static_tiles, False),
-        (static_tiles, num_tiles - static_tiles, True),
-    ):
-        if count:
-            _attention_jvp_kernel[(count, batch * num_heads)](
-                q, k, v, t_q, t_k, t_v, o, t_o, *block_map,
-                first, len_q, k.shape[1], static_q, static_k, scale,
-                H=num_heads, HEAD_DIM=head_dim, Q_MOVES=q_moves, **cfg,
-            )  # fmt: skip
+
+    def launch(cfg: LaunchConfig) -> None:
+        block_map = _block_map(mask, cfg.block_m, cfg.block_n, static_k, q.device)
+        # Query tiles wholly before static_q run in a launch compiled without query tangents,
+        # the rest in one with them. One kernel branching per tile instead would hold both
+        # variants' pipeline buffers at once (278 KB of shared memory at D=128 on sm_90).
+        num_tiles = triton.cdiv(len_q, cfg.block_m)
+        static_tiles = static_q // cfg.block_m
+        for first, count, q_moves in (
+            (0, static_tiles, False),
+            (static_tiles, num_tiles - static_tiles, True),
+        ):
+            if count:
+                _attention_jvp_kernel[(count, batch * num_heads)](
+                    q, k, v, t_q, t_k, t_v, o, t_o, *block_map,
+                    first, len_q, k.shape[1], static_q, static_k, scale,
+                    H=num_heads, HEAD_DIM=head_dim, Q_MOVES=q_moves, **cfg.kwargs(),
+                )  # fmt: skip
+
+    _LADDER.launch(
+        launch,
+        device=q.device,
+        head_dim=head_dim,
+        interpreted=is_interpreted(_attention_jvp_kernel),
+        specialisation=(q.dtype, num_heads),
+    )
     return o, t_o
 
 

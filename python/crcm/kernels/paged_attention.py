@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from crcm.kernels._common import (
     Backend,
+    LaunchConfig,
+    LaunchLadder,
     check_scale,
     is_interpreted,
     resolve_backend,
@@ -123,14 +125,21 @@ def _paged_attention_torch(
     return o
 
 
-def _launch_config(interpreted: bool) -> dict[str, int]:
-    """Tile sizes and warps. The interpreter gets the smallest legal tiles (it is slow per element
-    and tests use tiny shapes). The GPU values were picked by compiling offline for sm_90 (no GPU
-    was available to time them) as the candidates with the fewest register spills: none at D=64,
-    120 bytes at D=128. Tune them with benches/bench_kernels.py on a real GPU."""
-    if interpreted:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
+    """GPU launch configurations, preferred first (see :class:`LaunchLadder`). The first was
+    timed on an H200 (benches/results/kernels-nvidia-h200.json); the rest step down in shared
+    memory, as an offline sm_90 compile (Triton 3.9) counts it: at D=128, 128 KB, 96 KB, 64 KB,
+    48 KB, none spilling registers; at D=64 half of that."""
+    del head_dim  # the same tiles serve D=64 and D=128
+    return (
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=1),
+    )
+
+
+_LADDER = LaunchLadder("paged attention", _rungs)
 
 
 def _paged_attention_triton(
@@ -144,14 +153,23 @@ def _paged_attention_triton(
     max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if max_len_q == 0:
         return o
-    cfg = _launch_config(is_interpreted(_paged_attention_kernel))
-    grid = (triton.cdiv(max_len_q, cfg["BLOCK_M"]), cu_seqlens_q.numel() - 1, num_heads)
-    _paged_attention_kernel[grid](
-        q, k_new, v_new, o, k_pages, v_pages,
-        cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens,
-        k_pages.shape[1], scale,
-        H=num_heads, HEAD_DIM=head_dim, **cfg,
-    )  # fmt: skip
+
+    def launch(cfg: LaunchConfig) -> None:
+        grid = (triton.cdiv(max_len_q, cfg.block_m), cu_seqlens_q.numel() - 1, num_heads)
+        _paged_attention_kernel[grid](
+            q, k_new, v_new, o, k_pages, v_pages,
+            cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens,
+            k_pages.shape[1], scale,
+            H=num_heads, HEAD_DIM=head_dim, **cfg.kwargs(),
+        )  # fmt: skip
+
+    _LADDER.launch(
+        launch,
+        device=q.device,
+        head_dim=head_dim,
+        interpreted=is_interpreted(_paged_attention_kernel),
+        specialisation=(q.dtype, num_heads),
+    )
     return o
 
 

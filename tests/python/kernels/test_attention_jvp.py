@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crcm.kernels import attention_jvp, attention_jvp_reference
+from crcm.kernels._common import LaunchConfig, forced_launch_config
 from crcm.masks import Mask, Rect, block_causal_mask, full_mask, teacher_forcing_mask
 
 jvp_module = importlib.import_module("crcm.kernels.attention_jvp")
@@ -144,15 +145,17 @@ def test_kernel_scale_and_strided_inputs() -> None:
 
 
 @pytest.mark.parametrize(("block_m", "block_n"), [(32, 16), (16, 32)])
-def test_kernel_with_other_tiles(monkeypatch, block_m: int, block_n: int) -> None:
+def test_kernel_with_other_tiles(block_m: int, block_n: int) -> None:
     # GPU configurations use BLOCK_M ≠ 16; the block map and the kernel must agree on any tiling.
-    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-    monkeypatch.setattr(jvp_module, "_launch_config", lambda head_dim, interpreted: tiles)
-    for name in ("tf-unaligned", "custom"):
+    config = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    for name, statics in (("tf-unaligned", (20, 20)), ("custom", (0, 0)), ("custom", (33, 7))):
         mask = MASKS[name]
         inputs = make_inputs(mask, batch=1, seed=6)
-        expected = attention_jvp_reference(*inputs, mask)
-        assert_close(attention_jvp(*inputs, mask, backend="triton"), expected, torch.float32)
+        kw = {"static_q": statics[0], "static_k": statics[1]}
+        expected = attention_jvp_reference(*inputs, mask, **kw)
+        with forced_launch_config(config):
+            actual = attention_jvp(*inputs, mask, backend="triton", **kw)
+        assert_close(actual, expected, torch.float32)
 
 
 @settings(max_examples=15, deadline=None)

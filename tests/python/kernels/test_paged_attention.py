@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crcm.kernels import paged_attention, paged_attention_reference
+from crcm.kernels._common import LaunchConfig, forced_launch_config
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 paged_module = importlib.import_module("crcm.kernels.paged_attention")
@@ -159,15 +160,15 @@ def test_kernel_page_larger_than_tile_and_strided_queries() -> None:
     assert_close(paged_attention(*args, backend="triton"), naive_attention(case), torch.float32)
 
 
-def test_kernel_with_taller_query_tiles(monkeypatch) -> None:
-    # The GPU configuration has BLOCK_M = 2·BLOCK_N; run that shape of tiling in the interpreter.
-    monkeypatch.setattr(
-        paged_module, "_launch_config", lambda interpreted: {"BLOCK_M": 32, "BLOCK_N": 16}
-    )
-    case = make_case([40, 7, 33], [[16, 9], [], [16, 16, 16]], seed=6)
-    assert_close(
-        paged_attention(*case.args, backend="triton"), naive_attention(case), torch.float32
-    )
+@pytest.mark.parametrize(("block_m", "block_n"), [(32, 16), (16, 32)])
+def test_kernel_with_other_tiles(block_m: int, block_n: int) -> None:
+    # GPU configurations have BLOCK_M = 2·BLOCK_N or 4·BLOCK_N; run such tilings in the
+    # interpreter, with pages and chunks that do and do not fill a key tile.
+    config = LaunchConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    case = make_case([40, 7, 33], [[16, 9], [], [32, 16, 5]], page_tokens=32, seed=6)
+    with forced_launch_config(config):
+        actual = paged_attention(*case.args, backend="triton")
+    assert_close(actual, naive_attention(case), torch.float32)
 
 
 @pytest.mark.parametrize("name", list(CASES))
