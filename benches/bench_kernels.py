@@ -1,6 +1,6 @@
 """Time crcm's attention kernels against PyTorch on the same shapes (design §6).
 
-    python benches/bench_kernels.py [--quick] [--threads N] [--out PATH]
+    python benches/bench_kernels.py [--quick] [--configs] [--threads N] [--out PATH]
 
 PATH defaults to benches/results/kernels-<machine>.json.
 
@@ -11,7 +11,12 @@ PATH defaults to benches/results/kernels-<machine>.json.
   target on GPU ≥ 0.9 against SDPA-flash).
 - Attention JVP (O and tO) against the primal attention O alone with the same mask: FlexAttention
   with a block mask, plus SDPA-flash for the full mask. Ratio = JVP time / fastest primal time
-  (lower is better; target on GPU ≤ 1.6).
+  (lower is better; target on GPU ≤ 1.6). "tf-scm" is the TF mask as TF-sCM calls it, with the
+  clean half static (zero tangents, skipped); "tf" lets every token move. Each row also gives
+  the JVP's matrix-product work over the primal's: the ratio a kernel as efficient per product
+  as the primal would reach.
+- With ``--configs`` (CUDA only) every case is also timed under each of the kernel's launch
+  configurations, to order the ladders in ``crcm.kernels`` from measurements.
 
 On CUDA the Triton kernels run on `wan2.1-1.3b` streaming shapes (1,560 tokens per latent frame,
 12 heads × 128, bf16). Without CUDA, small fp32 shapes run through the torch reference path
@@ -35,6 +40,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from crcm.bench import machine, results_path
 from crcm.kernels import attention_jvp, paged_attention
+from crcm.kernels._common import LaunchLadder, forced_launch_config
+from crcm.kernels.attention_jvp import _LADDER as JVP_LADDER
+from crcm.kernels.paged_attention import _LADDER as PAGED_LADDER
 from crcm.masks import Mask, block_causal_mask, full_mask, teacher_forcing_mask
 
 CUDA = torch.cuda.is_available()
@@ -96,8 +104,41 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def time_configs(ladder: LaunchLadder, head_dim: int, fn: Callable[[], object],
+                 timing: tuple[int, int]) -> dict[str, float | str]:  # fmt: skip
+    """``fn``'s time under each launch configuration of ``ladder`` (ms; the refusal if the
+    device cannot load it)."""
+    times: dict[str, float | str] = {}
+    for config in ladder.rungs(head_dim):
+        c = config
+        name = f"BM{c.block_m}-BN{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+        try:
+            with forced_launch_config(config):
+                times[name] = time_ms(fn, *timing)
+        except Exception as error:  # a refusal is a result here, not a failure
+            times[name] = f"{type(error).__name__}: {error}"
+    return times
+
+
+def jvp_matmul_work(mask: Mask, static_q: int, static_k: int) -> float:
+    """Matrix-product work of the JVP over the primal's, per allowed score (rectangles assumed
+    disjoint, as the masks built here are): the primal does Q·Kᵀ and P·V; the JVP adds tQ·Kᵀ
+    and (P ⊙ tS)·V where the query moves, Q·tKᵀ, P·tV and (P ⊙ tS)·V where the key moves."""
+    primal = jvp = 0
+    for q0, q1, k0, k1 in mask.rects:
+        q_moving = q1 - max(q0, min(q1, static_q))
+        k_moving = k1 - max(k0, min(k1, static_k))
+        q_static, k_static = q1 - q0 - q_moving, k1 - k0 - k_moving
+        primal += 2 * (q1 - q0) * (k1 - k0)
+        jvp += (
+            6 * q_moving * k_moving + 4 * q_moving * k_static + 5 * q_static * k_moving
+            + 2 * q_static * k_static
+        )  # fmt: skip
+    return jvp / primal
+
+
 def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: int,
-                timing: tuple[int, int]) -> dict:  # fmt: skip
+                timing: tuple[int, int], configs: bool) -> dict:  # fmt: skip
     """Every stream: a chunk of ``chunk_frames`` frames over ``context_frames`` cached frames."""
     device = "cuda" if CUDA else "cpu"
     tpf, heads, dim = geo.tokens_per_frame, geo.heads, geo.head_dim
@@ -151,11 +192,15 @@ def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: 
     }
     result["sdpa_over_paged"] = result["sdpa_ms"] / result["paged_ms"]
     result["flex_over_paged"] = result["flex_ms"] / result["paged_ms"]
+    if configs:
+        result["paged_ms_by_config"] = time_configs(
+            PAGED_LADDER, dim, lambda: paged_attention(*args), timing
+        )
     return result
 
 
 def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
-              timing: tuple[int, int]) -> dict:  # fmt: skip
+              timing: tuple[int, int], configs: bool) -> dict:  # fmt: skip
     """One (batch 1) attention of a TF-sCM forward: primal vs primal + tangent."""
     device = "cuda" if CUDA else "cpu"
     tpf, heads, dim = geo.tokens_per_frame, geo.heads, geo.head_dim
@@ -163,11 +208,19 @@ def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
         "full": lambda: full_mask(num_frames, tpf),
         "block-causal": lambda: block_causal_mask(num_frames, chunk_frames, tpf),
         "tf": lambda: teacher_forcing_mask(num_frames, chunk_frames, tpf),
+        "tf-scm": lambda: teacher_forcing_mask(num_frames, chunk_frames, tpf),
     }[kind]()
     length = mask.num_q
+    static = length // 2 if kind == "tf-scm" else 0  # the clean half does not move
     q, k, v, t_q, t_k, t_v = (
         torch.randn(1, length, heads, dim, device=device, dtype=geo.dtype) for _ in range(6)
     )
+    for t in (t_q, t_k, t_v):
+        t[:, :static] = 0
+
+    def jvp() -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_jvp(q, k, v, t_q, t_k, t_v, mask, static_q=static, static_k=static)
+
     q_b, k_b, v_b = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, L, D]
 
     def mask_mod(b, h, qi, ki):
@@ -178,14 +231,16 @@ def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
 
     rect_mask = block_mask(mask_mod, length, length, device)
     flex_fn = flex()
-    o, _ = attention_jvp(q, k, v, t_q, t_k, t_v, mask)
+    o, _ = jvp()
     o_flex = flex_fn(q_b, k_b, v_b, block_mask=rect_mask).transpose(1, 2)
     result = {
         "mask": kind,
         "num_frames": num_frames,
         "chunk_frames": chunk_frames,
         "tokens": length,
-        "jvp_ms": time_ms(lambda: attention_jvp(q, k, v, t_q, t_k, t_v, mask), *timing),
+        "static_tokens": static,
+        "matmul_work_over_primal": jvp_matmul_work(mask, static, static),
+        "jvp_ms": time_ms(jvp, *timing),
         "primal_flex_ms": time_ms(lambda: flex_fn(q_b, k_b, v_b, block_mask=rect_mask), *timing),
         "max_diff_o_vs_flex": max_diff(o, o_flex),
     }
@@ -198,6 +253,8 @@ def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
         primals["sdpa-flash"] = result["primal_sdpa_flash_ms"]
     result["primal"] = min(primals, key=primals.get)
     result["jvp_over_primal"] = result["jvp_ms"] / primals[result["primal"]]
+    if configs:
+        result["jvp_ms_by_config"] = time_configs(JVP_LADDER, dim, jvp, timing)
     return result
 
 
@@ -209,12 +266,13 @@ def shapes(quick: bool) -> tuple[Geometry, list[tuple], list[tuple]]:
         contexts = {1: [20] if quick else [0, 10, 20], 3: [18] if quick else [0, 9, 18]}
         paged = [(s, c, ctx) for s in streams for c in (1, 3) for ctx in contexts[c]]
         frames = [9] if quick else [9, 21]
-        jvp = [(kind, n, 3) for n in frames for kind in ("full", "block-causal", "tf")]
+        kinds = ("full", "block-causal", "tf", "tf-scm")
+        jvp = [(kind, n, 3) for n in frames for kind in kinds]
         return WAN, paged, jvp
     paged = [
         (s, c, ctx) for s in ([1, 4] if quick else [1, 4, 16]) for c in (1, 3) for ctx in (0, 6)
     ]
-    jvp = [(kind, 6, 3) for kind in ("full", "block-causal", "tf")]
+    jvp = [(kind, 6, 3) for kind in ("full", "block-causal", "tf", "tf-scm")]
     return SMALL, paged, jvp
 
 
@@ -231,6 +289,11 @@ def table(title: str, rows: list[dict], columns: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    parser.add_argument(
+        "--configs",
+        action="store_true",
+        help="also time each launch configuration of the kernels (CUDA only)",
+    )
     parser.add_argument("--out", type=Path, help="JSON result file (default: by machine name)")
     parser.add_argument(
         "--threads",
@@ -239,6 +302,8 @@ def main() -> None:
         "shared machine, where idle-spinning worker threads otherwise dominate small ops",
     )
     opts = parser.parse_args()
+    if opts.configs and not CUDA:
+        parser.error("--configs times the Triton kernels' launch configurations: it needs CUDA")
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -248,14 +313,22 @@ def main() -> None:
     path = "Triton kernels" if CUDA else "torch reference path (no CUDA: the kernels did not run)"
     print(f"{geo.name}: {geo.tokens_per_frame} tokens/frame, {geo.heads} heads x {geo.head_dim}, "
           f"{str(geo.dtype).removeprefix('torch.')}; crcm runs the {path}")  # fmt: skip
-    paged = [bench_paged(geo, *case, timing) for case in paged_cases]
+    paged = [bench_paged(geo, *case, timing, opts.configs) for case in paged_cases]
     print(table("\npaged attention (ms; ratio = baseline / paged, higher is better)", paged,
                 ["streams", "chunk_frames", "context_frames", "paged_ms", "sdpa_ms", "flex_ms",
                  "sdpa_over_paged", "flex_over_paged", "max_diff_vs_sdpa"]))  # fmt: skip
-    jvp = [bench_jvp(geo, *case, timing) for case in jvp_cases]
+    jvp = [bench_jvp(geo, *case, timing, opts.configs) for case in jvp_cases]
     print(table("\nattention JVP (ms; ratio = JVP / fastest primal, lower is better)", jvp,
                 ["mask", "num_frames", "tokens", "jvp_ms", "primal_flex_ms",
-                 "primal_sdpa_flash_ms", "jvp_over_primal", "max_diff_o_vs_flex"]))  # fmt: skip
+                 "primal_sdpa_flash_ms", "jvp_over_primal", "matmul_work_over_primal",
+                 "max_diff_o_vs_flex"]))  # fmt: skip
+    for row in paged:
+        for config, ms in row.get("paged_ms_by_config", {}).items():
+            print(f"paged {row['streams']}x{row['chunk_frames']}+{row['context_frames']}: "
+                  f"{config} {ms}")  # fmt: skip
+    for row in jvp:
+        for config, ms in row.get("jvp_ms_by_config", {}).items():
+            print(f"jvp {row['mask']} {row['num_frames']}: {config} {ms}")
 
     info = machine()
     out = opts.out or results_path("kernels", info)

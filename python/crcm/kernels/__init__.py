@@ -10,6 +10,11 @@ default) the environment variable ``CRCM_ATTENTION_BACKEND`` (auto/triton/torch)
 without it the Triton kernel runs for CUDA tensors whose dtype (fp16/bf16) and head dim
 (16–256, a power of two) it supports, the torch reference otherwise. Forcing Triton on CPU tensors
 works only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+
+Launch configurations (tile sizes, warps, pipeline stages): each kernel has a short ladder of
+them, preferred first; the first launch on a GPU steps down it until Triton can load the kernel
+(smaller GPUs have less shared memory), and that choice is kept. Time every rung on a GPU with
+``python benches/bench_kernels.py --quick --configs``.
 """
 
 from crcm.kernels._common import BACKEND_ENV, Backend

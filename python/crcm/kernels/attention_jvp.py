@@ -140,8 +140,8 @@ def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
     where FlashAttention holds one and one, and streams four key-side tiles (K, V, tK, tV), so
     its tiles are smaller than the primal's. The first rung is the configuration timed on an
     H200 (benches/results/kernels-nvidia-h200.json); the others step down in shared memory. In an
-    offline sm_90 compile (Triton 3.9) the rungs take, at D=128, 176, 106, 100 and 70 KB of
-    shared memory and spill 88, 0, 16 and 80 bytes of registers; at D=64, 106, 70 and 33 KB
+    offline sm_90 compile (Triton 3.9) the rungs take, at D=128, 176, 135, 106, 100 and 70 KB of
+    shared memory and spill 88, 0, 0, 16 and 80 bytes of registers; at D=64, 106, 70 and 33 KB
     and none."""
     if head_dim <= 64:
         return (
@@ -151,6 +151,7 @@ def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
         )
     return (
         LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
         LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
         LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
         LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=1),
