@@ -166,13 +166,13 @@ class LaunchLadder:
     """A kernel's GPU launch configurations in order of preference, and per device and
     specialisation the first that fits.
 
-    Why a ladder and not one configuration: the preferred tiles' shared memory (up to ~180 KB,
-    multi-buffered K/V tiles) fits sm_80/sm_90 but not the ~100 KB of sm_86/sm_89, and Triton
-    reports that only when it loads the compiled kernel (``OutOfResources``, before anything
-    runs). So the first launch on a device walks down the ladder, and the rung that loaded is
-    remembered. Why not ``triton.autotune``: timing candidates on first use stalls a streaming
-    session for seconds whenever a new shape appears; the order here comes from
-    ``benches/bench_kernels.py --configs`` on a real GPU instead.
+    Why a ladder and not one configuration: the preferred tiles' shared memory (up to 172 KiB of
+    multi-buffered K/V tiles) fits sm_90's 227 KiB but not sm_80's 163 KiB or sm_86/sm_89's
+    99 KiB, and Triton reports that only when it loads the compiled kernel (``OutOfResources``,
+    before anything runs). So the first launch on a device walks down the ladder, and the rung
+    that loaded is remembered. Why not ``triton.autotune``: timing candidates on first use
+    stalls a streaming session for seconds whenever a new shape appears; the order here comes
+    from ``benches/bench_kernels.py --configs`` on a real GPU instead.
     """
 
     def __init__(self, name: str, rungs: Callable[[int], Sequence[LaunchConfig]]) -> None:

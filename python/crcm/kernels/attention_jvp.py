@@ -140,9 +140,9 @@ def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
     where FlashAttention holds one and one, and streams four key-side tiles (K, V, tK, tV), so
     its tiles are smaller than the primal's. The first rung is the configuration timed on an
     H200 (benches/results/kernels-nvidia-h200.json); the others step down in shared memory. In an
-    offline sm_90 compile (Triton 3.9) the rungs take, at D=128, 176, 135, 106, 100 and 70 KB of
-    shared memory and spill 88, 0, 0, 16 and 80 bytes of registers; at D=64, 106, 70 and 33 KB
-    and none."""
+    offline sm_90 compile (benches/kernel_resources.py, Triton 3.9) the rungs take, at D=128,
+    172, 132, 104, 98 and 68 KiB of shared memory and spill 88, 0, 0, 16 and 80 bytes of
+    registers; at D=64, 104, 68 and 32 KiB and none."""
     if head_dim <= 64:
         return (
             LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
@@ -234,7 +234,7 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
         block_map = _block_map(mask, cfg.block_m, cfg.block_n, static_k, q.device)
         # Query tiles wholly before static_q run in a launch compiled without query tangents,
         # the rest in one with them. One kernel branching per tile instead would hold both
-        # variants' pipeline buffers at once (278 KB of shared memory at D=128 on sm_90).
+        # variants' pipeline buffers at once (272 KiB of shared memory at D=128 on sm_90).
         num_tiles = triton.cdiv(len_q, cfg.block_m)
         static_tiles = static_q // cfg.block_m
         for first, count, q_moves in (

@@ -128,8 +128,8 @@ def _paged_attention_torch(
 def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
     """GPU launch configurations, preferred first (see :class:`LaunchLadder`). The first was
     timed on an H200 (benches/results/kernels-nvidia-h200.json); the rest step down in shared
-    memory, as an offline sm_90 compile (Triton 3.9) counts it: at D=128, 128 KB, 96 KB, 64 KB,
-    48 KB, none spilling registers; at D=64 half of that."""
+    memory, as an offline sm_90 compile (benches/kernel_resources.py, Triton 3.9) counts it: at
+    D=128, 128, 96, 64 and 48 KiB, none spilling registers; at D=64 half of that."""
     del head_dim  # the same tiles serve D=64 and D=128
     return (
         LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
