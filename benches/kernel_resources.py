@@ -1,6 +1,6 @@
 """Compile crcm's Triton kernels for an NVIDIA GPU without one: registers, spills, shared memory.
 
-    python benches/kernel_resources.py [--arch 90] [--out PATH]
+    python benches/kernel_resources.py [--arch 90] [--rungs N] [--head-dims 64 128] [--out PATH]
 
 For every launch configuration on each kernel's ladder (``crcm.kernels``), at head dims 64 and
 128, bf16, 12 heads (Wan2.1-1.3B), this compiles the kernel ahead of time for ``sm_<arch>`` and
@@ -78,18 +78,18 @@ def resources(kernel, constexprs: dict, config: LaunchConfig, arch: int) -> dict
 
 
 def ladder_report(name: str, kernel, ladder: LaunchLadder, variants: dict[str, dict],
-                  arch: int) -> list[dict]:  # fmt: skip
+                  opts: argparse.Namespace) -> list[dict]:  # fmt: skip
     """One row per (head dim, rung, compiled variant)."""
     rows = []
-    for head_dim in (64, 128):
-        for rung, config in enumerate(ladder.rungs(head_dim)):
+    for head_dim in opts.head_dims:
+        for rung, config in enumerate(ladder.rungs(head_dim)[: opts.rungs]):
             for variant, flags in variants.items():
                 constexprs = {"H": HEADS, "HEAD_DIM": head_dim, **flags, **config.kwargs()}
                 for launch_only in ("num_warps", "num_stages"):
                     constexprs.pop(launch_only)
                 row = {"kernel": name, "variant": variant, "head_dim": head_dim, "rung": rung,
                        **config.__dict__}  # fmt: skip
-                row.update(resources(kernel, constexprs, config, arch))
+                row.update(resources(kernel, constexprs, config, opts.arch))
                 print(
                     f"{name:15} {variant:12} D={head_dim:<3} rung {rung}: "
                     f"BM={config.block_m} BN={config.block_n} warps={config.num_warps} "
@@ -104,17 +104,17 @@ def ladder_report(name: str, kernel, ladder: LaunchLadder, variants: dict[str, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90 = sm_90)")
+    parser.add_argument("--rungs", type=int, help="only the first N rungs of each ladder")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--out", type=Path, help="JSON result file")
     opts = parser.parse_args()
-    rows = ladder_report(
-        "paged attention", _paged_attention_kernel, PAGED_LADDER, {"-": {}}, opts.arch
-    )
+    rows = ladder_report("paged attention", _paged_attention_kernel, PAGED_LADDER, {"-": {}}, opts)
     rows += ladder_report(
         "attention JVP",
         _attention_jvp_kernel,
         JVP_LADDER,
         {"static-query": {"Q_MOVES": False}, "moving-query": {"Q_MOVES": True}},
-        opts.arch,
+        opts,
     )
     out = opts.out or Path(__file__).parent / "results" / f"kernel-resources-sm{opts.arch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
