@@ -8,7 +8,9 @@ PATH defaults to benches/results/kernels-<machine>.json.
   SDPA over K/V already gathered into contiguous per-stream tensors (flash backend on CUDA; the
   gather is not timed, so this is the best case for SDPA) and FlexAttention over the packed
   streams with a per-stream block mask. Ratio = baseline time / kernel time (higher is better;
-  target on GPU ≥ 0.9 against SDPA-flash).
+  target on GPU ≥ 0.9 against SDPA-flash). ``paged_unsplit_ms`` is the kernel with its context
+  split turned off (``kv_splits=1``), against the default, which splits when few streams would
+  leave SMs idle.
 - Attention JVP (O and tO) against the primal attention O alone with the same mask: FlexAttention
   with a block mask, plus SDPA-flash for the full mask. Ratio = JVP time / fastest primal time
   (lower is better; target on GPU ≤ 1.6). "tf-scm" is the TF mask as TF-sCM calls it, with the
@@ -185,6 +187,7 @@ def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: 
         "chunk_frames": chunk_frames,
         "context_frames": context_frames,
         "paged_ms": time_ms(lambda: paged_attention(*args), *timing),
+        "paged_unsplit_ms": time_ms(lambda: paged_attention(*args, kv_splits=1), *timing),
         "sdpa_ms": time_ms(sdpa, *timing),
         "flex_ms": time_ms(lambda: flex_fn(*packed, block_mask=same_stream), *timing),
         "max_diff_vs_sdpa": max_diff(ours, o_sdpa),
@@ -315,7 +318,8 @@ def main() -> None:
           f"{str(geo.dtype).removeprefix('torch.')}; crcm runs the {path}")  # fmt: skip
     paged = [bench_paged(geo, *case, timing, opts.configs) for case in paged_cases]
     print(table("\npaged attention (ms; ratio = baseline / paged, higher is better)", paged,
-                ["streams", "chunk_frames", "context_frames", "paged_ms", "sdpa_ms", "flex_ms",
+                ["streams", "chunk_frames", "context_frames", "paged_ms", "paged_unsplit_ms",
+                 "sdpa_ms", "flex_ms",
                  "sdpa_over_paged", "flex_over_paged", "max_diff_vs_sdpa"]))  # fmt: skip
     jvp = [bench_jvp(geo, *case, timing, opts.configs) for case in jvp_cases]
     print(table("\nattention JVP (ms; ratio = JVP / fastest primal, lower is better)", jvp,

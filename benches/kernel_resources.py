@@ -108,7 +108,13 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--out", type=Path, help="JSON result file")
     opts = parser.parse_args()
-    rows = ladder_report("paged attention", _paged_attention_kernel, PAGED_LADDER, {"-": {}}, opts)
+    rows = ladder_report(
+        "paged attention",
+        _paged_attention_kernel,
+        PAGED_LADDER,
+        {"whole-context": {"SPLITS": 1}, "split-context": {"SPLITS": 4}},
+        opts,
+    )
     rows += ladder_report(
         "attention JVP",
         _attention_jvp_kernel,

@@ -6,7 +6,14 @@ chunks are packed along the token axis (varlen, like flash-attn): item ``i`` own
 
     (its cached tokens, page by page, in page-table order) ++ (all rows of its own chunk)
 
-which is block-causal by construction: no mask is built. The page table is CSR: item ``i``'s
+which is block-causal by construction: no mask is built.
+
+Split context (flash-decoding). One program per (query tile, item, head) leaves most of a GPU
+idle when few streams run: one stream's 1-frame chunk of Wan2.1-1.3B is 13 × 12 = 156 programs
+for 132 SMs, so a second, nearly empty wave doubles the time. The Triton path then splits each
+item's context ("units": its pages, then its own chunk) into ``kv_splits`` contiguous parts run
+by separate programs, and merges their partial softmax states (running max, sum, unnormalised
+output) afterwards. The page table is CSR: item ``i``'s
 pages are ``kv_page_ids[kv_indptr[i]:kv_indptr[i+1]]`` in order, and ``kv_page_lens`` (parallel
 to ``kv_page_ids``) says how many leading tokens of each page are valid; the rest of a page is
 padding and is never read. Pages evicted by a sliding window are simply absent from the table.
@@ -14,6 +21,8 @@ padding and is never read. Pages evicted by a sliding window are simply absent f
 Shapes: ``q, k_new, v_new, o``: ``[total_q, H, D]``; ``k_pages, v_pages``:
 ``[num_pages, page_tokens, H, D]`` (one layer); index tensors int32.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +53,8 @@ def paged_attention(
     kv_page_lens: torch.Tensor,
     scale: float | None = None,
     backend: Backend = "auto",
+    *,
+    kv_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed chunk queries over their paged KV cache plus their own chunk.
 
@@ -56,6 +67,8 @@ def paged_attention(
         kv_page_lens: int32 ``[n_pages_used]``, valid tokens per page, in ``[1, page_tokens]``.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: "triton", "torch" or "auto" (see :mod:`crcm.kernels`).
+        kv_splits: Triton path only: programs per (query tile, item, head), each over a part of
+            the context; ``None`` picks it from the GPU's SM count (1 in the interpreter).
 
     Returns:
         ``o``: ``[total_q, H, D]`` in ``q``'s dtype (accumulated in fp32).
@@ -66,11 +79,15 @@ def paged_attention(
     scale = _check_inputs(
         q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
     )
+    if kv_splits is not None and (
+        isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1
+    ):
+        raise ValueError(f"kv_splits must be a positive int or None, got {kv_splits!r}")
     impl = resolve_backend(backend, _paged_attention_kernel, q.device, q.dtype, q.shape[-1])
-    run = _paged_attention_triton if impl == "triton" else _paged_attention_torch
-    return run(
-        q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-    )
+    args = (q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens)
+    if impl == "torch":
+        return _paged_attention_torch(*args, scale)
+    return _paged_attention_triton(*args, scale, kv_splits)
 
 
 def paged_attention_reference(
@@ -143,34 +160,79 @@ _LADDER = LaunchLadder("paged attention", _rungs)
 
 
 def _paged_attention_triton(
-    q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-) -> torch.Tensor:
+    q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale,
+    kv_splits,
+) -> torch.Tensor:  # fmt: skip
     # The kernel assumes dense [tokens, H, D] rows; chunk tensors are small next to the cache so a
     # copy of a strided view (e.g. q out of a fused qkv projection) is cheap.
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+    total_q, num_heads, head_dim = q.shape
+    n_items = cu_seqlens_q.numel() - 1
+    max_len_q, max_pages = torch.stack(
+        [(x[1:] - x[:-1]).max() for x in (cu_seqlens_q, kv_indptr)]
+    ).tolist()
     o = torch.empty_like(q)
-    _, num_heads, head_dim = q.shape
-    max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if max_len_q == 0:
         return o
+    interpreted = is_interpreted(_paged_attention_kernel)
 
     def launch(cfg: LaunchConfig) -> None:
-        grid = (triton.cdiv(max_len_q, cfg.block_m), cu_seqlens_q.numel() - 1, num_heads)
-        _paged_attention_kernel[grid](
-            q, k_new, v_new, o, k_pages, v_pages,
+        tiles = triton.cdiv(max_len_q, cfg.block_m)
+        splits = kv_splits or _choose_kv_splits(tiles * n_items * num_heads, max_pages, q.device,
+                                                interpreted)  # fmt: skip
+        if splits == 1:
+            out, row_max, row_sum = o, o, o  # the state is not written without splits
+        else:
+            out = torch.empty(splits, total_q, num_heads, head_dim, device=q.device)
+            row_max, row_sum = torch.empty(2, splits, total_q, num_heads, device=q.device)
+        _paged_attention_kernel[(tiles, n_items, num_heads * splits)](
+            q, k_new, v_new, out, row_max, row_sum, k_pages, v_pages,
             cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens,
-            k_pages.shape[1], scale,
-            H=num_heads, HEAD_DIM=head_dim, **cfg.kwargs(),
+            k_pages.shape[1], total_q, scale,
+            H=num_heads, HEAD_DIM=head_dim, SPLITS=splits, **cfg.kwargs(),
         )  # fmt: skip
+        if splits > 1:
+            # Each part's state is relative to its own running max (base 2); rescale all to the
+            # overall max. Parts that saw no key have m = -inf and weigh exp2(-inf) = 0.
+            weight = torch.exp2(row_max - row_max.amax(0))
+            o.copy_((weight[..., None] * out).sum(0) / (weight * row_sum).sum(0)[..., None])
 
     _LADDER.launch(
         launch,
         device=q.device,
         head_dim=head_dim,
-        interpreted=is_interpreted(_paged_attention_kernel),
+        interpreted=interpreted,
         specialisation=(q.dtype, num_heads),
     )
     return o
+
+
+def _choose_kv_splits(
+    programs: int, max_pages: int, device: torch.device, interpreted: bool
+) -> int:
+    """Context splits for ``programs`` programs per split: the fewest that fill the last wave of
+    programs over the SMs to 90 %, at most one per unit of context (pages + chunk) and 8.
+
+    Waves assume one program per SM at a time, which is what the preferred launch
+    configurations' registers allow (over 128 per thread at 8 warps).
+    """
+    if interpreted:
+        return 1
+    sms = _sm_count(device)
+    best, best_fill = 1, 0.0
+    for splits in range(1, min(8, max_pages + 1) + 1):
+        total = programs * splits
+        fill = total / (triton.cdiv(total, sms) * sms)
+        if fill >= 0.9:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -201,16 +263,25 @@ def _attend_tile(
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_new_ptr, v_new_ptr, o_ptr, k_pages_ptr, v_pages_ptr,
+    q_ptr, k_new_ptr, v_new_ptr, o_ptr, m_ptr, l_ptr, k_pages_ptr, v_pages_ptr,
     cu_seqlens_q_ptr, kv_indptr_ptr, kv_page_ids_ptr, kv_page_lens_ptr,
-    page_tokens, scale,
+    page_tokens, total_q, scale,
     H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(query tiles of the longest item, n_items, H)``; one program = one query tile of one
-    item and head. Tiles past an item's length exit at once (varlen packing, as in flash-attn)."""
+    """Grid ``(query tiles of the longest item, n_items, H · SPLITS)``; one program = one query
+    tile of one item and head, over one of ``SPLITS`` parts of its context. Tiles past an item's
+    length exit at once (varlen packing, as in flash-attn).
+
+    Without splits it writes ``o`` in the output dtype. With them it writes its part's state,
+    fp32: the unnormalised output to ``o_ptr[split]`` (``[SPLITS, total_q, H, D]``) and the
+    running max (base 2) and sum to ``m_ptr[split]`` and ``l_ptr[split]`` (``[SPLITS, total_q,
+    H]``), for the caller to merge.
+    """
     tile = tl.program_id(0)
     item = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     q_start = tl.load(cu_seqlens_q_ptr + item).to(tl.int64)
     q_len = (tl.load(cu_seqlens_q_ptr + item + 1) - q_start).to(tl.int32)
     if tile * BLOCK_M >= q_len:
@@ -220,17 +291,24 @@ def _paged_attention_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_offs = (q_start + rows[:, None]) * token_stride + head * HEAD_DIM + dims[None, :]
-    q = tl.load(q_ptr + row_offs, mask=rows[:, None] < q_len, other=0.0)
+    row_ok = rows[:, None] < q_len
+    q = tl.load(q_ptr + row_offs, mask=row_ok, other=0.0)
     qk_scale = scale * 1.4426950408889634  # log2(e)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # The cached context, page by page; a page holds page_tokens slots of which the first
-    # n_valid are tokens, so the padding is never loaded.
+    # The context is units: the cached pages in order, then the chunk's own tokens. This
+    # program's part is units [u0, u1).
     page_lo = tl.load(kv_indptr_ptr + item)
-    page_hi = tl.load(kv_indptr_ptr + item + 1)
-    for j in range(page_lo, page_hi):
+    n_pages = tl.load(kv_indptr_ptr + item + 1) - page_lo
+    per_split = tl.cdiv(n_pages + 1, SPLITS)
+    u0 = split * per_split
+    u1 = tl.minimum(u0 + per_split, n_pages + 1)
+    chunk_off = q_start * token_stride + head * HEAD_DIM
+    # A page holds page_tokens slots of which the first n_valid are tokens, so the padding is
+    # never loaded.
+    for j in range(page_lo + u0, page_lo + tl.minimum(u1, n_pages)):
         page = tl.load(kv_page_ids_ptr + j).to(tl.int64)
         n_valid = tl.load(kv_page_lens_ptr + j)
         page_off = (page * page_tokens) * token_stride + head * HEAD_DIM
@@ -240,18 +318,39 @@ def _paged_attention_kernel(
                 start + tl.arange(0, BLOCK_N), n_valid, m_i, l_i, acc, qk_scale,
                 token_stride, HEAD_DIM,
             )  # fmt: skip
+    if SPLITS == 1:  # the chunk's own tokens: it sees itself fully
+        m_i, l_i, acc = _attend_chunk(
+            q, k_new_ptr + chunk_off, v_new_ptr + chunk_off, q_len, m_i, l_i, acc, qk_scale,
+            token_stride, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + row_offs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        if u1 == n_pages + 1 and u0 < u1:
+            m_i, l_i, acc = _attend_chunk(
+                q, k_new_ptr + chunk_off, v_new_ptr + chunk_off, q_len, m_i, l_i, acc,
+                qk_scale, token_stride, HEAD_DIM, BLOCK_N,
+            )  # fmt: skip
+        part = split.to(tl.int64) * total_q
+        state_offs = (part + q_start + rows) * H + head
+        tl.store(o_ptr + part * token_stride + row_offs, acc, mask=row_ok)
+        tl.store(m_ptr + state_offs, m_i, mask=rows < q_len)
+        tl.store(l_ptr + state_offs, l_i, mask=rows < q_len)
 
-    # The chunk's own tokens: it sees itself fully.
-    chunk_off = q_start * token_stride + head * HEAD_DIM
+
+@triton.jit
+def _attend_chunk(
+    q, k_ptr, v_ptr, q_len, m_i, l_i, acc, qk_scale,
+    TOKEN_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax steps over the chunk's own ``q_len`` tokens (``k_ptr``/``v_ptr`` at its
+    first token, head h)."""
     for start in range(0, q_len, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, k_new_ptr + chunk_off, v_new_ptr + chunk_off,
-            start + tl.arange(0, BLOCK_N), q_len, m_i, l_i, acc, qk_scale,
-            token_stride, HEAD_DIM,
+            q, k_ptr, v_ptr, start + tl.arange(0, BLOCK_N), q_len, m_i, l_i, acc, qk_scale,
+            TOKEN_STRIDE, HEAD_DIM,
         )  # fmt: skip
-
-    o = acc / l_i[:, None]
-    tl.store(o_ptr + row_offs, o.to(o_ptr.dtype.element_ty), mask=rows[:, None] < q_len)
+    return m_i, l_i, acc
 
 
 def _check_inputs(

@@ -6,6 +6,7 @@ Tolerances (max abs error vs the fp32 reference): fp32 1e-4; fp16 3e-3 (fp16 inp
 fp16 before P·V, as in FlashAttention); bf16 (GPU) 2e-2.
 """
 
+import functools
 import importlib
 import math
 import os
@@ -140,6 +141,34 @@ def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     case = make_case(q_lens, page_lens, head_dim=head_dim, dtype=dtype, seed=len(name))
     expected = paged_attention_reference(*case.args)
     assert_close(paged_attention(*case.args, backend="triton"), expected.float(), dtype)
+
+
+@pytest.mark.parametrize("kv_splits", [2, 3, 8])
+@pytest.mark.parametrize("name", ["one-item", "four-items", "empty-chunk"])
+def test_kernel_with_split_context(name: str, kv_splits: int) -> None:
+    # Parts of 1–2 units (pages or the chunk), and with 8 splits parts that hold nothing.
+    q_lens, page_lens, head_dim = CASES[name]
+    case = make_case(q_lens, page_lens, head_dim=head_dim, seed=7)
+    actual = paged_attention(*case.args, backend="triton", kv_splits=kv_splits)
+    assert_close(actual, naive_attention(case), torch.float32)
+
+
+def test_kv_splits_fill_the_last_wave(monkeypatch) -> None:
+    monkeypatch.setattr(paged_module, "_sm_count", lambda device: 132)
+    choose = functools.partial(paged_module._choose_kv_splits, device=None, interpreted=False)
+    # One Wan stream, 1-frame chunk: 156 programs fill 59 % of a second wave; 4 splits, 95 %.
+    assert choose(156, max_pages=20) == 4
+    assert choose(16 * 156, max_pages=20) == 1  # 16 streams already fill 99 %
+    assert choose(156, max_pages=1) == 2  # no more parts than units (page + chunk)
+    assert choose(132, max_pages=20) == 1
+    assert paged_module._choose_kv_splits(156, 20, None, interpreted=True) == 1
+
+
+@pytest.mark.parametrize("kv_splits", [0, -1, 1.5, True])
+def test_rejects_bad_kv_splits(kv_splits) -> None:
+    case = make_case([5], [[16]], seed=2)
+    with pytest.raises(ValueError, match="kv_splits must be a positive int"):
+        paged_attention(*case.args, kv_splits=kv_splits)
 
 
 def test_kernel_shared_pages_and_scale() -> None:
@@ -316,3 +345,5 @@ def test_gpu_kernel_matches_reference(dtype: torch.dtype, head_dim: int) -> None
                      device="cuda", share_first_page=True, seed=head_dim)  # fmt: skip
     expected = paged_attention_reference(*case.args).float()
     assert_close(paged_attention(*case.args), expected, dtype)
+    for kv_splits in (1, 3):
+        assert_close(paged_attention(*case.args, kv_splits=kv_splits), expected, dtype)
