@@ -399,8 +399,7 @@ class Connection:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.0, due - loop.time()))
+            await self._woken_or_timeout(max(0.0, due - loop.time()))
             self.wake.clear()
             now = loop.time()
             if not (self.changed or self.owed or now >= due):
@@ -418,6 +417,17 @@ class Connection:
                 # us) rather than queueing actions, which would only grow the latency.
                 self.owed = True
                 due = now + period
+
+    async def _woken_or_timeout(self, timeout: float) -> None:
+        """Waits for ``self.wake`` or ``timeout`` seconds. Not ``asyncio.wait_for``: on Python
+        3.11 it returns normally when a cancellation arrives just as the event is set, and a
+        flood of messages sets it constantly, so the ticker would outlive its session's close
+        (and the close would never reach the client)."""
+        woken = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait({woken}, timeout=timeout)
+        finally:
+            woken.cancel()
 
     async def push(self) -> bool:
         async with self.lock:
