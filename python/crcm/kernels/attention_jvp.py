@@ -114,23 +114,30 @@ def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k
     compute = torch.promote_types(q.dtype, torch.float32)
     # [B, L, H, D] -> [B, H, L, D]
     q_, k_, v_, tq_, tk_, tv_ = (x.to(compute).transpose(1, 2) for x in (q, k, v, t_q, t_k, t_v))
-    # Static tokens' tangents are zero whatever the caller passed (`.to` may alias: no in-place).
-    if static_q:
-        tq_ = torch.cat([torch.zeros_like(tq_[:, :, :static_q]), tq_[:, :, static_q:]], 2)
-    if static_k:
-        tk_, tv_ = (
-            torch.cat([torch.zeros_like(x[:, :, :static_k]), x[:, :, static_k:]], 2)
-            for x in (tk_, tv_)
-        )
     allowed = mask.dense(q.device)
     s = (q_ @ k_.transpose(-1, -2)) * scale
-    t_s = (tq_ @ k_.transpose(-1, -2) + q_ @ tk_.transpose(-1, -2)) * scale
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
     # A row with no allowed key is all -inf, which softmax turns into NaN: define it as 0.
     p = torch.where(allowed.any(-1, keepdim=True), p, 0.0)
     o = p @ v_
-    p_ts = p * t_s
-    t_o = p @ tv_ + p_ts @ v_ - p_ts.sum(-1, keepdim=True) * o
+
+    # Static tokens' tangents are zero, so only rows from `first` on can move (queries at or
+    # past static_q, or seeing a key at or past static_k), and only keys from static_k on
+    # contribute through tK and tV: the products below skip the rest, as the kernel does.
+    first = min([static_q] + [r.q0 for r in mask.rects if r.k1 > static_k])
+    p_m, o_m, q_m = p[..., first:, :], o[..., first:, :], q_[..., first:, :]
+    tq_m = tq_[..., first:, :]
+    if static_q > first:  # rows [first, static_q) are static queries seeing moving keys
+        tq_m = torch.cat([torch.zeros_like(tq_m[..., : static_q - first, :]),
+                          tq_m[..., static_q - first :, :]], -2)  # fmt: skip
+    t_s = tq_m @ k_.transpose(-1, -2)
+    if static_k < k.shape[1]:
+        t_s[..., static_k:] += q_m @ tk_[..., static_k:, :].transpose(-1, -2)
+    p_ts = p_m * (t_s * scale)
+    t_o_m = p_ts @ v_ - p_ts.sum(-1, keepdim=True) * o_m
+    if static_k < k.shape[1]:
+        t_o_m += p_m[..., static_k:] @ tv_[..., static_k:, :]
+    t_o = torch.cat([torch.zeros_like(o[..., :first, :]), t_o_m], -2)
     return o.transpose(1, 2).to(q.dtype), t_o.transpose(1, 2).to(q.dtype)
 
 
