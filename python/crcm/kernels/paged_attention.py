@@ -68,7 +68,8 @@ def paged_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: "triton", "torch" or "auto" (see :mod:`crcm.kernels`).
         kv_splits: Triton path only: programs per (query tile, item, head), each over a part of
-            the context; ``None`` picks it from the GPU's SM count (1 in the interpreter).
+            the context; ``None`` picks it from the GPU's SM count and the context length (1 in
+            the interpreter).
 
     Returns:
         ``o``: ``[total_q, H, D]`` in ``q``'s dtype (accumulated in fp32).
@@ -178,8 +179,9 @@ def _paged_attention_triton(
 
     def launch(cfg: LaunchConfig) -> None:
         tiles = triton.cdiv(max_len_q, cfg.block_m)
-        splits = kv_splits or _choose_kv_splits(tiles * n_items * num_heads, max_pages, q.device,
-                                                interpreted)  # fmt: skip
+        splits = kv_splits or _choose_kv_splits(
+            tiles * n_items * num_heads, max_pages * k_pages.shape[1], q.device, interpreted
+        )
         if splits == 1:
             out, row_max, row_sum = o, o, o  # the state is not written without splits
         else:
@@ -207,20 +209,27 @@ def _paged_attention_triton(
     return o
 
 
+# Below this many keys per part a split is not worth its merge (a few small torch kernels on
+# [splits, total_q, H, D]): an estimate, to be checked with benches/bench_kernels.py.
+_MIN_KEYS_PER_SPLIT = 4096
+
+
 def _choose_kv_splits(
-    programs: int, max_pages: int, device: torch.device, interpreted: bool
+    programs: int, max_context: int, device: torch.device, interpreted: bool
 ) -> int:
-    """Context splits for ``programs`` programs per split: the fewest that fill the last wave of
-    programs over the SMs to 90 %, at most one per unit of context (pages + chunk) and 8.
+    """Context splits for ``programs`` programs per split and a longest context of
+    ``max_context`` cached keys: the fewest that fill the last wave of programs over the SMs to
+    90 %, at most 8 and one per ``_MIN_KEYS_PER_SPLIT`` keys.
 
     Waves assume one program per SM at a time, which is what the preferred launch
     configurations' registers allow (over 128 per thread at 8 warps).
     """
-    if interpreted:
+    most = min(8, max_context // _MIN_KEYS_PER_SPLIT)
+    if interpreted or most <= 1:
         return 1
     sms = _sm_count(device)
     best, best_fill = 1, 0.0
-    for splits in range(1, min(8, max_pages + 1) + 1):
+    for splits in range(1, most + 1):
         total = programs * splits
         fill = total / (triton.cdiv(total, sms) * sms)
         if fill >= 0.9:

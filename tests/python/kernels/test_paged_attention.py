@@ -156,12 +156,15 @@ def test_kernel_with_split_context(name: str, kv_splits: int) -> None:
 def test_kv_splits_fill_the_last_wave(monkeypatch) -> None:
     monkeypatch.setattr(paged_module, "_sm_count", lambda device: 132)
     choose = functools.partial(paged_module._choose_kv_splits, device=None, interpreted=False)
-    # One Wan stream, 1-frame chunk: 156 programs fill 59 % of a second wave; 4 splits, 95 %.
-    assert choose(156, max_pages=20) == 4
-    assert choose(16 * 156, max_pages=20) == 1  # 16 streams already fill 99 %
-    assert choose(156, max_pages=1) == 2  # no more parts than units (page + chunk)
-    assert choose(132, max_pages=20) == 1
-    assert paged_module._choose_kv_splits(156, 20, None, interpreted=True) == 1
+    # One Wan stream, 1-frame chunk over 20 pages of 1,600 slots: 156 programs fill 59 % of a
+    # second wave; 4 splits, 95 %.
+    wan = 20 * 1600
+    assert choose(156, wan) == 4
+    assert choose(16 * 156, wan) == 1  # 16 streams already fill 99 %
+    assert choose(132, wan) == 1
+    assert choose(156, 3 * 4096) == 3  # best fill with at most 3 parts of 4,096 keys
+    assert choose(4, 20 * 64) == 1  # a small model's context is not worth splitting
+    assert paged_module._choose_kv_splits(156, wan, None, interpreted=True) == 1
 
 
 @pytest.mark.parametrize("kv_splits", [0, -1, 1.5, True])
