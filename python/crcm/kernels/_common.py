@@ -195,8 +195,9 @@ class LaunchLadder:
         """Run ``launch(config)`` with the configuration for this device; return it.
 
         ``launch`` must be repeatable (it is retried with the next rung when a configuration
-        does not fit); ``specialisation`` names what else changes the compiled kernel's
-        resources (dtype, constexpr flags).
+        does not fit); ``specialisation`` must name everything else that changes the resources
+        of the kernels ``launch`` runs (dtype, constexpr flags, which variants it launches), since
+        the rung that fitted is reused for the same key without a fallback.
         """
         forced = _FORCED.get()
         if forced is not None or interpreted:

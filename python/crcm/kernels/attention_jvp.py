@@ -236,6 +236,9 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
     q, k, v, t_q, t_k, t_v = (x.contiguous() for x in (q, k, v, t_q, t_k, t_v))
     batch, len_q, num_heads, head_dim = q.shape
     o, t_o = torch.empty_like(q), torch.empty_like(q)
+    # Which of the two compiled variants run depends on static_q and the tile height; a rung
+    # found to fit one variant says nothing about the other (it needs more shared memory).
+    variants = (static_q > 0, static_q < len_q)
 
     def launch(cfg: LaunchConfig) -> None:
         block_map = _block_map(mask, cfg.block_m, cfg.block_n, static_k, q.device)
@@ -260,7 +263,7 @@ def _attention_jvp_triton(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_
         device=q.device,
         head_dim=head_dim,
         interpreted=is_interpreted(_attention_jvp_kernel),
-        specialisation=(q.dtype, num_heads),
+        specialisation=(q.dtype, num_heads, variants),
     )
     return o, t_o
 

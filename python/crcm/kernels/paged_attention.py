@@ -81,9 +81,13 @@ def paged_attention(
         q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
     )
     if kv_splits is not None and (
-        isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1
+        isinstance(kv_splits, bool)
+        or not isinstance(kv_splits, int)
+        or not 1 <= kv_splits <= _MAX_KV_SPLITS
     ):
-        raise ValueError(f"kv_splits must be a positive int or None, got {kv_splits!r}")
+        raise ValueError(
+            f"kv_splits must be an int in [1, {_MAX_KV_SPLITS}] or None, got {kv_splits!r}"
+        )
     impl = resolve_backend(backend, _paged_attention_kernel, q.device, q.dtype, q.shape[-1])
     args = (q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens)
     if impl == "torch":
@@ -180,13 +184,14 @@ def _paged_attention_triton(
     def launch(cfg: LaunchConfig) -> None:
         tiles = triton.cdiv(max_len_q, cfg.block_m)
         splits = kv_splits or _choose_kv_splits(
-            tiles * n_items * num_heads, max_pages * k_pages.shape[1], q.device, interpreted
+            tiles * n_items * num_heads, max_pages, k_pages.shape[1], q.device, interpreted
         )
         if splits == 1:
             out, row_max, row_sum = o, o, o  # the state is not written without splits
         else:
-            out = torch.empty(splits, total_q, num_heads, head_dim, device=q.device)
-            row_max, row_sum = torch.empty(2, splits, total_q, num_heads, device=q.device)
+            f32 = {"device": q.device, "dtype": torch.float32}
+            out = torch.empty(splits, total_q, num_heads, head_dim, **f32)
+            row_max, row_sum = torch.empty(2, splits, total_q, num_heads, **f32)
         _paged_attention_kernel[(tiles, n_items, num_heads * splits)](
             q, k_new, v_new, out, row_max, row_sum, k_pages, v_pages,
             cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens,
@@ -212,19 +217,22 @@ def _paged_attention_triton(
 # Below this many keys per part a split is not worth its merge (a few small torch kernels on
 # [splits, total_q, H, D]): an estimate, to be checked with benches/bench_kernels.py.
 _MIN_KEYS_PER_SPLIT = 4096
+# The grid's third dimension is H · splits, which CUDA caps at 65,535.
+_MAX_KV_SPLITS = 64
 
 
 def _choose_kv_splits(
-    programs: int, max_context: int, device: torch.device, interpreted: bool
+    programs: int, max_pages: int, page_tokens: int, device: torch.device, interpreted: bool
 ) -> int:
     """Context splits for ``programs`` programs per split and a longest context of
-    ``max_context`` cached keys: the fewest that fill the last wave of programs over the SMs to
-    90 %, at most 8 and one per ``_MIN_KEYS_PER_SPLIT`` keys.
+    ``max_pages`` pages: the fewest that fill the last wave of programs over the SMs to 90 %,
+    at most 8, one per unit of context (a page or the chunk) and one per
+    ``_MIN_KEYS_PER_SPLIT`` cached keys.
 
     Waves assume one program per SM at a time, which is what the preferred launch
     configurations' registers allow (over 128 per thread at 8 warps).
     """
-    most = min(8, max_context // _MIN_KEYS_PER_SPLIT)
+    most = min(8, max_pages + 1, max_pages * page_tokens // _MIN_KEYS_PER_SPLIT)
     if interpreted or most <= 1:
         return 1
     sms = _sm_count(device)

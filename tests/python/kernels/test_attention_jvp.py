@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crcm.kernels import attention_jvp, attention_jvp_reference
-from crcm.kernels._common import LaunchConfig, forced_launch_config
+from crcm.kernels._common import INTERPRETER_CONFIG, LaunchConfig, forced_launch_config
 from crcm.masks import Mask, Rect, block_causal_mask, full_mask, teacher_forcing_mask
 
 jvp_module = importlib.import_module("crcm.kernels.attention_jvp")
@@ -261,6 +261,24 @@ def test_static_tokens_random_sweep(num_chunks, tokens_per_frame, static_q, stat
     expected = attention_jvp_reference(*inputs, mask, **statics)
     actual = attention_jvp(*inputs, mask, backend="triton", **statics)
     assert_close(actual, expected, torch.float32)
+
+
+def test_ladder_keys_name_the_variants_launched(monkeypatch) -> None:
+    """Static and moving query tiles compile to kernels of different sizes: a rung that fitted a
+    call with only static tiles must not be reused for one with moving tiles."""
+    keys = []
+
+    def record(launch, *, specialisation, **kw):
+        keys.append(specialisation)
+        launch(INTERPRETER_CONFIG)
+        return INTERPRETER_CONFIG
+
+    monkeypatch.setattr(jvp_module._LADDER, "launch", record)
+    mask = MASKS["tf-aligned"]
+    inputs = make_inputs(mask, batch=1, seed=11)
+    for static_q in (mask.num_q, 0, mask.num_q // 2):
+        attention_jvp(*inputs, mask, backend="triton", static_q=static_q)
+    assert len(set(keys)) == 3
 
 
 @pytest.mark.parametrize("static_k", [0, 5, 16, 40])

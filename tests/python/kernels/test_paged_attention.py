@@ -158,19 +158,19 @@ def test_kv_splits_fill_the_last_wave(monkeypatch) -> None:
     choose = functools.partial(paged_module._choose_kv_splits, device=None, interpreted=False)
     # One Wan stream, 1-frame chunk over 20 pages of 1,600 slots: 156 programs fill 59 % of a
     # second wave; 4 splits, 95 %.
-    wan = 20 * 1600
-    assert choose(156, wan) == 4
-    assert choose(16 * 156, wan) == 1  # 16 streams already fill 99 %
-    assert choose(132, wan) == 1
-    assert choose(156, 3 * 4096) == 3  # best fill with at most 3 parts of 4,096 keys
-    assert choose(4, 20 * 64) == 1  # a small model's context is not worth splitting
-    assert paged_module._choose_kv_splits(156, wan, None, interpreted=True) == 1
+    assert choose(156, 20, 1600) == 4
+    assert choose(16 * 156, 20, 1600) == 1  # 16 streams already fill 99 %
+    assert choose(132, 20, 1600) == 1
+    assert choose(156, 12, 1024) == 3  # best fill with at most 3 parts of 4,096 keys
+    assert choose(156, 1, 16384) == 2  # no more parts than units (the page and the chunk)
+    assert choose(4, 20, 64) == 1  # a small model's context is not worth splitting
+    assert paged_module._choose_kv_splits(156, 20, 1600, None, interpreted=True) == 1
 
 
-@pytest.mark.parametrize("kv_splits", [0, -1, 1.5, True])
+@pytest.mark.parametrize("kv_splits", [0, -1, 65, 1.5, True])
 def test_rejects_bad_kv_splits(kv_splits) -> None:
     case = make_case([5], [[16]], seed=2)
-    with pytest.raises(ValueError, match="kv_splits must be a positive int"):
+    with pytest.raises(ValueError, match=r"kv_splits must be an int in \[1, 64\] or None"):
         paged_attention(*case.args, kv_splits=kv_splits)
 
 
