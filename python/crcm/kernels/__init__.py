@@ -8,7 +8,7 @@
 Backend choice, per call: ``backend="triton"`` or ``"torch"`` forces one; with ``"auto"`` (the
 default) the environment variable ``CRCM_ATTENTION_BACKEND`` (auto/triton/torch) decides, and
 without it the Triton kernel runs for CUDA tensors whose dtype (fp16/bf16) and head dim
-(16–256, a power of two) it supports, the torch reference otherwise. Forcing Triton on CPU tensors
+(16, 32, 64 or 128) it supports, the torch reference otherwise. Forcing Triton on CPU tensors
 works only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 
 Launch configurations (tile sizes, warps, pipeline stages): each kernel has a short ladder of
