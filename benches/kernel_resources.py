@@ -122,7 +122,8 @@ def main() -> None:
         {"static-query": {"Q_MOVES": False}, "moving-query": {"Q_MOVES": True}},
         opts,
     )
-    out = opts.out or Path(__file__).parent / "results" / f"kernel-resources-sm{opts.arch}.json"
+    name = f"kernel-resources-sm{opts.arch}-triton{triton.__version__}.json"
+    out = opts.out or Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "compiled_on": machine(),
