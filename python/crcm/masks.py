@@ -56,6 +56,11 @@ class Mask:
             allowed[r.q0 : r.q1, r.k0 : r.k1] = True
         return allowed
 
+    def first_query_seeing(self, key: int) -> int:
+        """The first query row allowed to attend some key at or past ``key`` (``num_q`` if none):
+        rows before it see only keys before ``key``."""
+        return min([self.num_q] + [r.q0 for r in self.rects if r.k1 > key])
+
     def key_ranges(self) -> list[list[tuple[int, int]]]:
         """Per query row: the key ranges it sees (used by kernels that skip empty tiles)."""
         rows: list[list[tuple[int, int]]] = [[] for _ in range(self.num_q)]

@@ -124,7 +124,7 @@ def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k
     # Static tokens' tangents are zero, so only rows from `first` on can move (queries at or
     # past static_q, or seeing a key at or past static_k), and only keys from static_k on
     # contribute through tK and tV: the products below skip the rest, as the kernel does.
-    first = min([static_q] + [r.q0 for r in mask.rects if r.k1 > static_k])
+    first = min(static_q, mask.first_query_seeing(static_k))
     p_m, o_m, q_m = p[..., first:, :], o[..., first:, :], q_[..., first:, :]
     tq_m = tq_[..., first:, :]
     if static_q > first:  # rows [first, static_q) are static queries seeing moving keys

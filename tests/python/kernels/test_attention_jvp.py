@@ -263,6 +263,17 @@ def test_static_tokens_random_sweep(num_chunks, tokens_per_frame, static_q, stat
     assert_close(actual, expected, torch.float32)
 
 
+@pytest.mark.parametrize("name", list(MASKS))
+def test_first_query_seeing_matches_dense_mask(name: str) -> None:
+    """What the static-token paths rely on: rows before it see no key at or past ``key``."""
+    mask = MASKS[name]
+    dense = mask.dense().numpy()
+    for key in range(mask.num_k + 1):
+        sees = dense[:, key:].any(axis=1)
+        expected = int(np.argmax(sees)) if sees.any() else mask.num_q
+        assert mask.first_query_seeing(key) == expected, key
+
+
 def test_ladder_keys_name_the_variants_launched(monkeypatch) -> None:
     """Static and moving query tiles compile to kernels of different sizes: a rung that fitted a
     call with only static tiles must not be reused for one with moving tiles."""
