@@ -6,17 +6,17 @@ chunks are packed along the token axis (varlen, like flash-attn): item ``i`` own
 
     (its cached tokens, page by page, in page-table order) ++ (all rows of its own chunk)
 
-which is block-causal by construction: no mask is built.
+which is block-causal by construction: no mask is built. The page table is CSR: item ``i``'s
+pages are ``kv_page_ids[kv_indptr[i]:kv_indptr[i+1]]`` in order, and ``kv_page_lens`` (parallel
+to ``kv_page_ids``) says how many leading tokens of each page are valid; the rest of a page is
+padding and is never read. Pages evicted by a sliding window are simply absent from the table.
 
 Split context (flash-decoding). One program per (query tile, item, head) leaves most of a GPU
 idle when few streams run: one stream's 1-frame chunk of Wan2.1-1.3B is 13 × 12 = 156 programs
 for 132 SMs, so a second, nearly empty wave doubles the time. The Triton path then splits each
 item's context ("units": its pages, then its own chunk) into ``kv_splits`` contiguous parts run
 by separate programs, and merges their partial softmax states (running max, sum, unnormalised
-output) afterwards. The page table is CSR: item ``i``'s
-pages are ``kv_page_ids[kv_indptr[i]:kv_indptr[i+1]]`` in order, and ``kv_page_lens`` (parallel
-to ``kv_page_ids``) says how many leading tokens of each page are valid; the rest of a page is
-padding and is never read. Pages evicted by a sliding window are simply absent from the table.
+output) afterwards.
 
 Shapes: ``q, k_new, v_new, o``: ``[total_q, H, D]``; ``k_pages, v_pages``:
 ``[num_pages, page_tokens, H, D]`` (one layer); index tensors int32.
@@ -329,14 +329,12 @@ def _paged_attention_kernel(
         page = tl.load(kv_page_ids_ptr + j).to(tl.int64)
         n_valid = tl.load(kv_page_lens_ptr + j)
         page_off = (page * page_tokens) * token_stride + head * HEAD_DIM
-        for start in range(0, n_valid, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, k_pages_ptr + page_off, v_pages_ptr + page_off,
-                start + tl.arange(0, BLOCK_N), n_valid, m_i, l_i, acc, qk_scale,
-                token_stride, HEAD_DIM,
-            )  # fmt: skip
+        m_i, l_i, acc = _attend_run(
+            q, k_pages_ptr + page_off, v_pages_ptr + page_off, n_valid, m_i, l_i, acc, qk_scale,
+            token_stride, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
     if SPLITS == 1:  # the chunk's own tokens: it sees itself fully
-        m_i, l_i, acc = _attend_chunk(
+        m_i, l_i, acc = _attend_run(
             q, k_new_ptr + chunk_off, v_new_ptr + chunk_off, q_len, m_i, l_i, acc, qk_scale,
             token_stride, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
@@ -344,7 +342,7 @@ def _paged_attention_kernel(
         tl.store(o_ptr + row_offs, o.to(o_ptr.dtype.element_ty), mask=row_ok)
     else:
         if u1 == n_pages + 1 and u0 < u1:
-            m_i, l_i, acc = _attend_chunk(
+            m_i, l_i, acc = _attend_run(
                 q, k_new_ptr + chunk_off, v_new_ptr + chunk_off, q_len, m_i, l_i, acc,
                 qk_scale, token_stride, HEAD_DIM, BLOCK_N,
             )  # fmt: skip
@@ -356,15 +354,15 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _attend_chunk(
-    q, k_ptr, v_ptr, q_len, m_i, l_i, acc, qk_scale,
+def _attend_run(
+    q, k_ptr, v_ptr, n_tokens, m_i, l_i, acc, qk_scale,
     TOKEN_STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax steps over the chunk's own ``q_len`` tokens (``k_ptr``/``v_ptr`` at its
-    first token, head h)."""
-    for start in range(0, q_len, BLOCK_N):
+    """Online-softmax steps over ``n_tokens`` consecutive tokens, a page's valid ones or the
+    chunk's own (``k_ptr``/``v_ptr`` at the first token, head h)."""
+    for start in range(0, n_tokens, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, k_ptr, v_ptr, start + tl.arange(0, BLOCK_N), q_len, m_i, l_i, acc, qk_scale,
+            q, k_ptr, v_ptr, start + tl.arange(0, BLOCK_N), n_tokens, m_i, l_i, acc, qk_scale,
             TOKEN_STRIDE, HEAD_DIM,
         )  # fmt: skip
     return m_i, l_i, acc

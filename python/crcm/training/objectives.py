@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 Logs = dict[str, Tensor]
-TRAIN_SHIFT = DEFAULT_SHIFT  # the teachers' time sampler (stage 1, and stage 0 here)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +262,7 @@ def flow_matching_loss(
     *,
     cond: Tensor | None = None,
     actions_B_T: Tensor | None = None,
-    shift: float = TRAIN_SHIFT,
+    shift: float = DEFAULT_SHIFT,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     generator: torch.Generator | None = None,
@@ -297,7 +296,7 @@ def tf_teacher_loss(
     chunk_frames: int = 1,
     cond: Tensor | None = None,
     actions_B_T: Tensor | None = None,
-    shift: float = TRAIN_SHIFT,
+    shift: float = DEFAULT_SHIFT,
     weight: Callable[[Tensor], Tensor] | None = bell_weight,
     context_noise: float = 0.0,
     cond_dropout: float = 0.1,
@@ -342,7 +341,7 @@ def df_teacher_loss(
     chunk_frames: int = 1,
     cond: Tensor | None = None,
     actions_B_T: Tensor | None = None,
-    shift: float = TRAIN_SHIFT,
+    shift: float = DEFAULT_SHIFT,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     generator: torch.Generator | None = None,
