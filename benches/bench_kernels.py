@@ -112,8 +112,7 @@ def time_configs(ladder: LaunchLadder, head_dim: int, fn: Callable[[], object],
     device cannot load it)."""
     times: dict[str, float | str] = {}
     for config in ladder.rungs(head_dim):
-        c = config
-        name = f"BM{c.block_m}-BN{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+        name = f"BM{config.block_m}-BN{config.block_n}-w{config.num_warps}-s{config.num_stages}"
         try:
             with forced_launch_config(config):
                 times[name] = time_ms(fn, *timing)

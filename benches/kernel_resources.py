@@ -84,9 +84,8 @@ def ladder_report(name: str, kernel, ladder: LaunchLadder, variants: dict[str, d
     for head_dim in opts.head_dims:
         for rung, config in enumerate(ladder.rungs(head_dim)[: opts.rungs]):
             for variant, flags in variants.items():
-                constexprs = {"H": HEADS, "HEAD_DIM": head_dim, **flags, **config.kwargs()}
-                for launch_only in ("num_warps", "num_stages"):
-                    constexprs.pop(launch_only)
+                constexprs = {"H": HEADS, "HEAD_DIM": head_dim, **flags,
+                              "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}  # fmt: skip
                 row = {"kernel": name, "variant": variant, "head_dim": head_dim, "rung": rung,
                        **config.__dict__}  # fmt: skip
                 row.update(resources(kernel, constexprs, config, opts.arch))
