@@ -41,8 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from crcm.bench import machine, results_path
-from crcm.kernels import attention_jvp, paged_attention
-from crcm.kernels._common import LaunchLadder, forced_launch_config
+from crcm.kernels import PagedLayout, attention_jvp, paged_attention
+from crcm.kernels._common import LaunchConfig, LaunchLadder, forced_launch_config
 from crcm.kernels.attention_jvp import _LADDER as JVP_LADDER
 from crcm.kernels.paged_attention import _LADDER as PAGED_LADDER
 from crcm.masks import Mask, block_causal_mask, full_mask, teacher_forcing_mask
@@ -64,6 +64,20 @@ class Geometry:
 
 WAN = Geometry("wan2.1-1.3b", 1560, 12, 128, torch.bfloat16, 1600)
 SMALL = Geometry("small-cpu", 64, 4, 64, torch.float32, 64)
+
+
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Keep the GPU busy for a while before the first timing: an idle GPU runs at low clocks,
+    and on an H200 the first case timed (0.08 ms of work) came out 1.8× slower than the same
+    launch timed right after it."""
+    if not CUDA:
+        return
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
@@ -91,6 +105,9 @@ def flex() -> Callable:
     """FlexAttention as users run it: compiled on CUDA; eager on CPU (compiling it there needs a
     C++ toolchain and says nothing about the GPU)."""
     if CUDA:
+        # Each shape and block mask can recompile; past dynamo's default limit of 8 it would
+        # silently run FlexAttention eagerly, which materialises the scores (48 GiB at 21 frames).
+        torch._dynamo.config.recompile_limit = 64
         return torch.compile(flex_attention)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     return flex_attention
@@ -106,13 +123,39 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def time_configs(ladder: LaunchLadder, head_dim: int, fn: Callable[[], object],
-                 timing: tuple[int, int]) -> dict[str, float | str]:  # fmt: skip
-    """``fn``'s time under each launch configuration of ``ladder`` (ms; the refusal if the
-    device cannot load it)."""
+# Configurations outside the ladders, timed with --configs beside the rungs (named with a
+# "candidate " prefix) so that a GPU session can find better rungs, not only reorder them. On an
+# H200 (benches/results/kernels-nvidia-h200.json) none beat the first rungs: BM128-BN64-w8-s4
+# tied the paged kernel's at 1.25× its shared memory; BM64-BN64-w8-s2, the JVP's former first
+# rung, ran the TF-sCM JVP 1.8× slower than the new one.
+CANDIDATES = {
+    "paged": (
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    ),
+    "jvp": (
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=1),
+        LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    ),
+}
+
+
+def time_configs(
+    ladder: LaunchLadder,
+    candidates: tuple[LaunchConfig, ...],
+    head_dim: int,
+    fn: Callable[[], object],
+    timing: tuple[int, int],
+) -> dict[str, float | str]:
+    """``fn``'s time under each launch configuration of ``ladder`` and each of ``candidates``
+    (ms; the refusal if the device cannot load it)."""
     times: dict[str, float | str] = {}
-    for config in ladder.rungs(head_dim):
-        name = f"BM{config.block_m}-BN{config.block_n}-w{config.num_warps}-s{config.num_stages}"
+    rungs = list(ladder.rungs(head_dim))
+    extra = [c for c in candidates if c not in rungs]
+    for prefix, config in [("", c) for c in rungs] + [("candidate ", c) for c in extra]:
+        c = config
+        name = f"{prefix}BM{c.block_m}-BN{c.block_n}-w{c.num_warps}-s{c.num_stages}"
         try:
             with forced_launch_config(config):
                 times[name] = time_ms(fn, *timing)
@@ -152,13 +195,19 @@ def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: 
     num_pages = streams * context_frames
     k_pages, v_pages = (randn(max(num_pages, 1), geo.page_tokens, heads, dim) for _ in range(2))
     # Scatter the pages like a pool after many allocations and evictions.
-    page_ids = torch.randperm(max(num_pages, 1), device=device)[:num_pages].int()
-    i32 = {"device": device, "dtype": torch.int32}
-    args = (
-        q, k_new, v_new, torch.arange(streams + 1, **i32) * len_q, k_pages, v_pages,
-        torch.arange(streams + 1, **i32) * context_frames, page_ids,
-        torch.full((num_pages,), tpf, **i32),
-    )  # fmt: skip
+    page_ids = torch.randperm(max(num_pages, 1), device=device)[:num_pages]
+    # Built once per streaming step and shared by every layer, so not timed (like the gather
+    # of the baselines' K/V).
+    layout = PagedLayout(
+        torch.arange(streams + 1) * len_q,
+        torch.arange(streams + 1) * context_frames,
+        page_ids.cpu(),
+        torch.full((num_pages,), tpf),
+        num_pages=max(num_pages, 1),
+        page_tokens=geo.page_tokens,
+        device=device,
+    )
+    args = (q, k_new, v_new, k_pages, v_pages, layout)
 
     # Baselines get each stream's K/V gathered once, outside the timing: [S, H, L, D].
     def gather(pages: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -196,7 +245,7 @@ def bench_paged(geo: Geometry, streams: int, chunk_frames: int, context_frames: 
     result["flex_over_paged"] = result["flex_ms"] / result["paged_ms"]
     if configs:
         result["paged_ms_by_config"] = time_configs(
-            PAGED_LADDER, dim, lambda: paged_attention(*args), timing
+            PAGED_LADDER, CANDIDATES["paged"], dim, lambda: paged_attention(*args), timing
         )
     return result
 
@@ -256,7 +305,7 @@ def bench_jvp(geo: Geometry, kind: str, num_frames: int, chunk_frames: int,
     result["primal"] = min(primals, key=primals.get)
     result["jvp_over_primal"] = result["jvp_ms"] / primals[result["primal"]]
     if configs:
-        result["jvp_ms_by_config"] = time_configs(JVP_LADDER, dim, jvp, timing)
+        result["jvp_ms_by_config"] = time_configs(JVP_LADDER, CANDIDATES["jvp"], dim, jvp, timing)
     return result
 
 
@@ -268,7 +317,7 @@ def shapes(quick: bool) -> tuple[Geometry, list[tuple], list[tuple]]:
         contexts = {1: [20] if quick else [0, 10, 20], 3: [18] if quick else [0, 9, 18]}
         paged = [(s, c, ctx) for s in streams for c in (1, 3) for ctx in contexts[c]]
         frames = [9] if quick else [9, 21]
-        kinds = ("full", "block-causal", "tf", "tf-scm")
+        kinds = ("tf-scm", "tf", "block-causal", "full")  # TF-sCM's own case first
         jvp = [(kind, n, 3) for n in frames for kind in kinds]
         return WAN, paged, jvp
     paged = [
@@ -276,6 +325,12 @@ def shapes(quick: bool) -> tuple[Geometry, list[tuple], list[tuple]]:
     ]
     jvp = [(kind, 6, 3) for kind in ("full", "block-causal", "tf", "tf-scm")]
     return SMALL, paged, jvp
+
+
+def progress(row: dict) -> dict:
+    """Print a finished case at once: a GPU run can be cut short, and the rows so far count."""
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def table(title: str, rows: list[dict], columns: list[str]) -> str:
@@ -296,6 +351,12 @@ def main() -> None:
         action="store_true",
         help="also time each launch configuration of the kernels (CUDA only)",
     )
+    parser.add_argument(
+        "--kernel",
+        choices=["paged", "jvp"],
+        action="append",
+        help="time only this kernel (repeatable; default: both)",
+    )
     parser.add_argument("--out", type=Path, help="JSON result file (default: by machine name)")
     parser.add_argument(
         "--threads",
@@ -311,17 +372,23 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     geo, paged_cases, jvp_cases = shapes(opts.quick)
+    kernels = opts.kernel or ["paged", "jvp"]
+    paged_cases = paged_cases if "paged" in kernels else []
+    jvp_cases = jvp_cases if "jvp" in kernels else []
     timing = (3, 10) if opts.quick else (5, 30)  # (warmup, timed iterations)
     path = "Triton kernels" if CUDA else "torch reference path (no CUDA: the kernels did not run)"
     print(f"{geo.name}: {geo.tokens_per_frame} tokens/frame, {geo.heads} heads x {geo.head_dim}, "
           f"{str(geo.dtype).removeprefix('torch.')}; crcm runs the {path}")  # fmt: skip
-    paged = [bench_paged(geo, *case, timing, opts.configs) for case in paged_cases]
-    print(table("\npaged attention (ms; ratio = baseline / paged, higher is better)", paged,
+    warm_up_gpu()
+    paged = [progress(bench_paged(geo, *case, timing, opts.configs)) for case in paged_cases]
+    if paged:
+        print(table("\npaged attention (ms; ratio = baseline / paged, higher is better)", paged,
                 ["streams", "chunk_frames", "context_frames", "paged_ms", "paged_unsplit_ms",
                  "sdpa_ms", "flex_ms",
                  "sdpa_over_paged", "flex_over_paged", "max_diff_vs_sdpa"]))  # fmt: skip
-    jvp = [bench_jvp(geo, *case, timing, opts.configs) for case in jvp_cases]
-    print(table("\nattention JVP (ms; ratio = JVP / fastest primal, lower is better)", jvp,
+    jvp = [progress(bench_jvp(geo, *case, timing, opts.configs)) for case in jvp_cases]
+    if jvp:
+        print(table("\nattention JVP (ms; ratio = JVP / fastest primal, lower is better)", jvp,
                 ["mask", "num_frames", "tokens", "jvp_ms", "primal_flex_ms",
                  "primal_sdpa_flash_ms", "jvp_over_primal", "matmul_work_over_primal",
                  "max_diff_o_vs_flex"]))  # fmt: skip

@@ -1,7 +1,8 @@
 """Triton kernels of crcm (installed as ``crcm.kernels``), each beside its torch reference.
 
 - :func:`paged_attention`: queries of many streams' chunks over their paged KV cache plus their
-  own chunk (the streaming runtime, design §3). Oracle: :func:`paged_attention_reference`.
+  own chunk (the streaming runtime, design §3), with the rows and page table of a
+  :class:`PagedLayout`, built once per step. Oracle: :func:`paged_attention_reference`.
 - :func:`attention_jvp`: masked attention and its forward-mode derivative (TF-sCM, design §1.5).
   Oracle: :func:`attention_jvp_reference`.
 
@@ -19,11 +20,12 @@ them, preferred first; the first launch on a GPU steps down it until Triton can 
 
 from crcm.kernels._common import BACKEND_ENV, Backend
 from crcm.kernels.attention_jvp import attention_jvp, attention_jvp_reference
-from crcm.kernels.paged_attention import paged_attention, paged_attention_reference
+from crcm.kernels.paged_attention import PagedLayout, paged_attention, paged_attention_reference
 
 __all__ = [
     "BACKEND_ENV",
     "Backend",
+    "PagedLayout",
     "attention_jvp",
     "attention_jvp_reference",
     "paged_attention",

@@ -11,6 +11,12 @@ pages are ``kv_page_ids[kv_indptr[i]:kv_indptr[i+1]]`` in order, and ``kv_page_l
 to ``kv_page_ids``) says how many leading tokens of each page are valid; the rest of a page is
 padding and is never read. Pages evicted by a sliding window are simply absent from the table.
 
+The row offsets and the page table travel together as a :class:`PagedLayout`, built once per
+streaming step from host arrays and shared by every layer: it is validated on the host and
+copied to the device once, so a call of :func:`paged_attention` never waits for the GPU (no
+device-to-host copy, so it can be captured in a CUDA graph). On an H200 the two syncs per call
+that validating device tensors cost made a 1-frame chunk with no context 3.2× slower than SDPA.
+
 Split context (flash-decoding). One program per (query tile, item, head) leaves most of a GPU
 idle when few streams run: one stream's 1-frame chunk of Wan2.1-1.3B is 13 × 12 = 156 programs
 for 132 SMs, so a second, nearly empty wave doubles the time. The Triton path then splits each
@@ -23,7 +29,9 @@ Shapes: ``q, k_new, v_new, o``: ``[total_q, H, D]``; ``k_pages, v_pages``:
 """
 
 import functools
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,19 +46,134 @@ from crcm.kernels._common import (
     triton,
 )
 
-__all__ = ["paged_attention", "paged_attention_reference"]
+__all__ = ["PagedLayout", "paged_attention", "paged_attention_reference"]
+
+IndexArray = Sequence[int] | np.ndarray | torch.Tensor
+
+
+class PagedLayout:
+    """Which packed rows belong to which item and which cached pages each item attends to.
+
+    Build it once per step from host data (lists, NumPy arrays or CPU tensors; CUDA tensors
+    work too but cost a device sync here): it checks everything on the host and copies the
+    index arrays to ``device`` as int32, so that :func:`paged_attention` can trust them.
+
+    Args:
+        cu_seqlens_q: ``[n_items + 1]`` row offsets: item ``i`` owns rows ``cu[i]:cu[i+1]`` of
+            the packed ``q``, ``k_new`` and ``v_new``.
+        kv_indptr: ``[n_items + 1]`` CSR offsets into ``kv_page_ids``.
+        kv_page_ids: the pages of all items, in context order, ids in ``[0, num_pages)``.
+        kv_page_lens: valid tokens of each page (parallel to ``kv_page_ids``), in
+            ``[1, page_tokens]``.
+        num_pages, page_tokens: the shape of the page pool the ids index
+            (``k_pages.shape[:2]``).
+        device: where the kernel runs.
+
+    Example — two streams: a 3-token chunk over pages 4 and 0 (16 and 5 tokens) and a 2-token
+    chunk with nothing cached::
+
+        layout = PagedLayout([0, 3, 5], [0, 2, 2], [4, 0], [16, 5],
+                             num_pages=8, page_tokens=16, device="cuda")
+        o = paged_attention(q, k_new, v_new, k_pages, v_pages, layout)
+    """
+
+    def __init__(
+        self,
+        cu_seqlens_q: IndexArray,
+        kv_indptr: IndexArray,
+        kv_page_ids: IndexArray,
+        kv_page_lens: IndexArray,
+        *,
+        num_pages: int,
+        page_tokens: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        cu_q, indptr, ids, lens = (
+            _host_indices(name, x)
+            for name, x in (("cu_seqlens_q", cu_seqlens_q), ("kv_indptr", kv_indptr),
+                            ("kv_page_ids", kv_page_ids), ("kv_page_lens", kv_page_lens))
+        )  # fmt: skip
+        for name, x in (("num_pages", num_pages), ("page_tokens", page_tokens)):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{name} must be a positive int, got {x!r}")
+        n_items = len(cu_q) - 1
+        if n_items < 1:
+            raise ValueError("cu_seqlens_q needs at least two entries (one item)")
+        if len(indptr) != n_items + 1:
+            raise ValueError(
+                f"kv_indptr must have n_items + 1 = {n_items + 1} entries, got {len(indptr)}"
+            )
+        if len(lens) != len(ids):
+            raise ValueError(
+                f"kv_page_lens must parallel kv_page_ids ({len(ids)} entries), got {len(lens)}"
+            )
+        _check_offsets("cu_seqlens_q", cu_q, None)
+        _check_offsets("kv_indptr", indptr, len(ids))
+        if len(ids):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= num_pages:
+                raise ValueError(
+                    f"kv_page_ids must lie in [0, {num_pages}), got range [{lo}, {hi}]"
+                )
+            lo, hi = int(lens.min()), int(lens.max())
+            if lo < 1 or hi > page_tokens:
+                raise ValueError(
+                    f"kv_page_lens must lie in [1, {page_tokens}], got range [{lo}, {hi}]"
+                )
+        self.num_pages, self.page_tokens = num_pages, page_tokens
+        self.total_q = int(cu_q[-1])
+        self.max_len_q = int(np.diff(cu_q).max())
+        self.max_pages = int(np.diff(indptr).max())
+        # Host copies for the torch path, which slices per item.
+        self.cu_q_host, self.indptr_host = cu_q.tolist(), indptr.tolist()
+        # One upload for all four; the views share its storage.
+        packed = torch.from_numpy(np.concatenate([cu_q, indptr, ids, lens]).astype(np.int32))
+        device = torch.device(device)
+        if device.type == "cuda":
+            packed = packed.pin_memory()  # lets the copy below run without blocking the host
+        self.cu_seqlens_q, self.kv_indptr, self.kv_page_ids, self.kv_page_lens = packed.to(
+            device, non_blocking=True
+        ).split([n_items + 1, n_items + 1, len(ids), len(lens)])
+        self.device = self.cu_seqlens_q.device  # "cuda" resolved to "cuda:<current>"
+
+    @property
+    def n_items(self) -> int:
+        return len(self.cu_q_host) - 1
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedLayout(items={self.n_items}, rows={self.total_q}, "
+            f"pages={self.kv_page_ids.numel()} of {self.num_pages}x{self.page_tokens}, "
+            f"device={self.device})"
+        )
+
+
+def _host_indices(name: str, x: IndexArray) -> np.ndarray:
+    """``x`` as a 1-D int64 NumPy array on the host (a CUDA tensor is copied: one sync)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {x.dtype}")
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.size == 0:
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if len(arr) and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} must fit in int32")
+    return arr
 
 
 def paged_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_page_ids: torch.Tensor,
-    kv_page_lens: torch.Tensor,
+    layout: PagedLayout,
     scale: float | None = None,
     backend: Backend = "auto",
     *,
@@ -60,11 +183,8 @@ def paged_attention(
 
     Args:
         q, k_new, v_new: ``[total_q, H, D]``, the current chunks of all items packed.
-        cu_seqlens_q: int32 ``[n_items + 1]``, item ``i`` owns rows ``cu[i]:cu[i+1]``.
         k_pages, v_pages: ``[num_pages, page_tokens, H, D]``, contiguous, same dtype as ``q``.
-        kv_indptr: int32 ``[n_items + 1]``, CSR offsets into ``kv_page_ids``.
-        kv_page_ids: int32 ``[n_pages_used]``, page ids in ``[0, num_pages)``, in context order.
-        kv_page_lens: int32 ``[n_pages_used]``, valid tokens per page, in ``[1, page_tokens]``.
+        layout: the items' rows and pages (:class:`PagedLayout`), on ``q``'s device.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: "triton", "torch" or "auto" (see :mod:`crcm.kernels`).
         kv_splits: Triton path only: programs per (query tile, item, head), each over a part of
@@ -74,12 +194,10 @@ def paged_attention(
     Returns:
         ``o``: ``[total_q, H, D]`` in ``q``'s dtype (accumulated in fp32).
 
-    Validation copies the index tensors to the host: one device sync per call (the Triton path
-    adds a second to size its grid).
+    The checks here read only shapes, dtypes and devices (the layout's indices were checked
+    when it was built), so the call never waits for the GPU.
     """
-    scale = _check_inputs(
-        q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-    )
+    scale = _check_inputs(q, k_new, v_new, k_pages, v_pages, layout, scale)
     if kv_splits is not None and (
         isinstance(kv_splits, bool)
         or not isinstance(kv_splits, int)
@@ -89,50 +207,38 @@ def paged_attention(
             f"kv_splits must be an int in [1, {_MAX_KV_SPLITS}] or None, got {kv_splits!r}"
         )
     impl = resolve_backend(backend, _paged_attention_kernel, q.device, q.dtype, q.shape[-1])
-    args = (q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens)
     if impl == "torch":
-        return _paged_attention_torch(*args, scale)
-    return _paged_attention_triton(*args, scale, kv_splits)
+        return _paged_attention_torch(q, k_new, v_new, k_pages, v_pages, layout, scale)
+    return _paged_attention_triton(q, k_new, v_new, k_pages, v_pages, layout, scale, kv_splits)
 
 
 def paged_attention_reference(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_page_ids: torch.Tensor,
-    kv_page_lens: torch.Tensor,
+    layout: PagedLayout,
     scale: float | None = None,
 ) -> torch.Tensor:
     """The oracle: gather each item's pages, append its chunk, run SDPA in fp32 per item.
 
     Same arguments and result as :func:`paged_attention`; runs on any device.
     """
-    scale = _check_inputs(
-        q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-    )
-    return _paged_attention_torch(
-        q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-    )
+    scale = _check_inputs(q, k_new, v_new, k_pages, v_pages, layout, scale)
+    return _paged_attention_torch(q, k_new, v_new, k_pages, v_pages, layout, scale)
 
 
-def _paged_attention_torch(
-    q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-) -> torch.Tensor:
-    cu_q = cu_seqlens_q.tolist()
-    indptr = kv_indptr.tolist()
-    page_tokens = k_pages.shape[1]
-    slot = torch.arange(page_tokens, device=q.device)
+def _paged_attention_torch(q, k_new, v_new, k_pages, v_pages, layout, scale) -> torch.Tensor:
+    cu_q, indptr = layout.cu_q_host, layout.indptr_host
+    slot = torch.arange(layout.page_tokens, device=q.device)
     o = torch.empty_like(q)
-    for i in range(len(cu_q) - 1):
+    for i in range(layout.n_items):
         q0, q1 = cu_q[i], cu_q[i + 1]
         if q0 == q1:
             continue
-        ids = kv_page_ids[indptr[i] : indptr[i + 1]].long()
-        valid = (slot[None, :] < kv_page_lens[indptr[i] : indptr[i + 1], None]).flatten()
+        ids = layout.kv_page_ids[indptr[i] : indptr[i + 1]].long()
+        valid = (slot[None, :] < layout.kv_page_lens[indptr[i] : indptr[i + 1], None]).flatten()
         # [n_pages·page_tokens, H, D] with padding slots dropped, then the chunk's own tokens.
         k = torch.cat([k_pages[ids].flatten(0, 1)[valid], k_new[q0:q1]])
         v = torch.cat([v_pages[ids].flatten(0, 1)[valid], v_new[q0:q1]])
@@ -148,15 +254,17 @@ def _paged_attention_torch(
 
 
 def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
-    """GPU launch configurations, preferred first (see :class:`LaunchLadder`). The first was
-    timed on an H200 (benches/results/kernels-nvidia-h200.json); the rest step down in shared
-    memory, as an offline sm_90 compile (benches/kernel_resources.py, Triton 3.9) counts it: at
-    D=128, 128, 96, 64 and 48 KiB, none spilling registers; at D=64 half of that."""
+    """GPU launch configurations, preferred first (see :class:`LaunchLadder`). At D=128 on an
+    H200 (Wan2.1-1.3B shapes, benches/results/kernels-nvidia-h200.json) the first was the
+    fastest or within 2 % of it for 1 and 16 streams; 64-row tiles with 4 warps and three
+    stages tied it at 16 streams and are the next rung. Each rung needs less shared memory than
+    the one before: in an offline sm_90 compile (benches/kernel_resources.py, Triton 3.6), at
+    D=128, 128, 112, 80 and 48 KiB, none spilling registers; at D=64 half of that."""
     del head_dim  # the same tiles serve D=64 and D=128
     return (
         LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-        LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+        LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
         LaunchConfig(block_m=64, block_n=64, num_warps=4, num_stages=1),
     )
 
@@ -165,17 +273,13 @@ _LADDER = LaunchLadder("paged attention", _rungs)
 
 
 def _paged_attention_triton(
-    q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale,
-    kv_splits,
+    q, k_new, v_new, k_pages, v_pages, layout, scale, kv_splits
 ) -> torch.Tensor:  # fmt: skip
     # The kernel assumes dense [tokens, H, D] rows; chunk tensors are small next to the cache so a
     # copy of a strided view (e.g. q out of a fused qkv projection) is cheap.
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     total_q, num_heads, head_dim = q.shape
-    n_items = cu_seqlens_q.numel() - 1
-    max_len_q, max_pages = torch.stack(
-        [(x[1:] - x[:-1]).max() for x in (cu_seqlens_q, kv_indptr)]
-    ).tolist()
+    n_items, max_len_q, max_pages = layout.n_items, layout.max_len_q, layout.max_pages
     o = torch.empty_like(q)
     if max_len_q == 0:
         return o
@@ -194,7 +298,7 @@ def _paged_attention_triton(
             row_max, row_sum = torch.empty(2, splits, total_q, num_heads, **f32)
         _paged_attention_kernel[(tiles, n_items, num_heads * splits)](
             q, k_new, v_new, out, row_max, row_sum, k_pages, v_pages,
-            cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens,
+            layout.cu_seqlens_q, layout.kv_indptr, layout.kv_page_ids, layout.kv_page_lens,
             k_pages.shape[1], total_q, scale,
             H=num_heads, HEAD_DIM=head_dim, SPLITS=splits, **cfg.kwargs(),
         )  # fmt: skip
@@ -368,17 +472,19 @@ def _attend_run(
     return m_i, l_i, acc
 
 
-def _check_inputs(
-    q, k_new, v_new, cu_seqlens_q, k_pages, v_pages, kv_indptr, kv_page_ids, kv_page_lens, scale
-) -> float:
-    """Validate shapes, dtypes, devices and index ranges; return the softmax scale."""
+def _check_inputs(q, k_new, v_new, k_pages, v_pages, layout, scale) -> float:
+    """Validate shapes, dtypes and devices against each other and the layout; return the softmax
+    scale. Reads no tensor's values: the layout's were checked when it was built."""
     for name, x in {"q": q, "k_new": k_new, "v_new": v_new, "k_pages": k_pages,
-                    "v_pages": v_pages, "cu_seqlens_q": cu_seqlens_q, "kv_indptr": kv_indptr,
-                    "kv_page_ids": kv_page_ids, "kv_page_lens": kv_page_lens}.items():  # fmt: skip
+                    "v_pages": v_pages}.items():  # fmt: skip
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if not isinstance(layout, PagedLayout):
+        raise TypeError(f"layout must be a PagedLayout, got {type(layout).__name__}")
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
     if q.dim() != 3:
         raise ValueError(f"q must be [total_q, H, D], got shape {tuple(q.shape)}")
     if not q.is_floating_point():
@@ -387,10 +493,13 @@ def _check_inputs(
         if x.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
     total_q, num_heads, head_dim = q.shape
-    if k_pages.dim() != 4 or k_pages.shape[2:] != (num_heads, head_dim):
+    if total_q != layout.total_q:
+        raise ValueError(f"q has {total_q} rows but the layout's items own {layout.total_q}")
+    pool = (layout.num_pages, layout.page_tokens, num_heads, head_dim)
+    if k_pages.shape != pool:
         raise ValueError(
-            f"k_pages must be [num_pages, page_tokens, {num_heads}, {head_dim}], "
-            f"got shape {tuple(k_pages.shape)}"
+            f"k_pages must be [num_pages, page_tokens, H, D] = {pool} (the layout's page pool, "
+            f"q's heads and head dim), got shape {tuple(k_pages.shape)}"
         )
     if v_pages.shape != k_pages.shape:
         raise ValueError(
@@ -403,52 +512,14 @@ def _check_inputs(
         # A hidden .contiguous() would copy the whole cache on every call.
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous (one layer's slice of the page tensor)")
-    num_pages, page_tokens = k_pages.shape[:2]
-    if num_pages == 0 or page_tokens == 0:
-        raise ValueError(
-            f"k_pages needs at least one page of one token, got {tuple(k_pages.shape)}"
-        )
-
-    for name, x in {"cu_seqlens_q": cu_seqlens_q, "kv_indptr": kv_indptr,
-                    "kv_page_ids": kv_page_ids, "kv_page_lens": kv_page_lens}.items():  # fmt: skip
-        if x.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {x.dtype}")
-        if x.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
-    n_items = cu_seqlens_q.numel() - 1
-    if n_items < 1:
-        raise ValueError("cu_seqlens_q needs at least two entries (one item)")
-    if kv_indptr.numel() != n_items + 1:
-        raise ValueError(
-            f"kv_indptr must have n_items + 1 = {n_items + 1} entries, got {kv_indptr.numel()}"
-        )
-    if kv_page_lens.numel() != kv_page_ids.numel():
-        raise ValueError(
-            f"kv_page_lens must parallel kv_page_ids ({kv_page_ids.numel()} entries), "
-            f"got {kv_page_lens.numel()}"
-        )
-    # One device-to-host copy for all index checks (one sync per call on GPU).
-    cu_q, indptr, ids, lens = (
-        torch.cat([cu_seqlens_q, kv_indptr, kv_page_ids, kv_page_lens])
-        .cpu()
-        .split([n_items + 1, n_items + 1, kv_page_ids.numel(), kv_page_lens.numel()])
-    )
-    _check_offsets("cu_seqlens_q", cu_q, total_q)
-    _check_offsets("kv_indptr", indptr, ids.numel())
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_pages:
-            raise ValueError(f"kv_page_ids must lie in [0, {num_pages}), got range [{lo}, {hi}]")
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < 1 or hi > page_tokens:
-            raise ValueError(f"kv_page_lens must lie in [1, {page_tokens}], got range [{lo}, {hi}]")
     return check_scale(scale, head_dim)
 
 
-def _check_offsets(name: str, offsets: torch.Tensor, total: int) -> None:
-    """CSR offsets: start at 0, never decrease, end at ``total``."""
+def _check_offsets(name: str, offsets: np.ndarray, total: int | None) -> None:
+    """CSR offsets: start at 0, never decrease, and end at ``total`` when it is given."""
     first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0 or last != total:
-        raise ValueError(f"{name} must start at 0 and end at {total}, got {first}..{last}")
+    if first != 0 or (total is not None and last != total):
+        end = "" if total is None else f" and end at {total}"
+        raise ValueError(f"{name} must start at 0{end}, got {first}..{last}")
     if bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing, got {offsets.tolist()}")

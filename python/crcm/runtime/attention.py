@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from crcm.errors import ConfigError
-from crcm.kernels import paged_attention
+from crcm.kernels import PagedLayout, paged_attention
 from crcm.runtime.kv_cache import PagedKVCache
 
 
@@ -130,22 +130,20 @@ class TritonPagedAttention:
     def prepare(self, rows: list[RowPages], tokens_per_row: int) -> object:
         dev = self.cache.k.device
         L = tokens_per_row
-        groups = []
+        groups = []  # (plane, row indices, whether that is every row, layout)
         for plane, members in _rows_by_plane(rows).items():
             counts = [len(rows[r].page_ids) for r in members]
-            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-            ids = np.concatenate([rows[r].page_ids for r in members] or [[]]).astype(np.int32)
-            lens = np.concatenate([rows[r].page_lens for r in members] or [[]]).astype(np.int32)
+            layout = PagedLayout(
+                np.arange(len(members) + 1) * L,
+                np.concatenate([[0], np.cumsum(counts)]),
+                np.concatenate([rows[r].page_ids for r in members] or [[]]).astype(np.int64),
+                np.concatenate([rows[r].page_lens for r in members] or [[]]).astype(np.int64),
+                num_pages=self.cache.k.shape[2],
+                page_tokens=self.cache.page_tokens,
+                device=dev,
+            )
             groups.append(
-                (
-                    plane,
-                    torch.tensor(members, device=dev),
-                    len(members) == len(rows),
-                    torch.arange(0, (len(members) + 1) * L, L, dtype=torch.int32, device=dev),
-                    torch.from_numpy(indptr).to(dev),
-                    torch.from_numpy(ids).to(dev),
-                    torch.from_numpy(lens).to(dev),
-                )
+                (plane, torch.tensor(members, device=dev), len(members) == len(rows), layout)
             )
         return groups
 
@@ -154,19 +152,16 @@ class TritonPagedAttention:
     ) -> torch.Tensor:
         _R, L, H, D = q.shape
         out = None if len(ctx) == 1 else torch.empty_like(q)
-        for plane, rows, all_rows, cu_q, indptr, ids, lens in ctx:
+        for plane, rows, all_rows, layout in ctx:
             qp, kp, vp = (t if all_rows else t[rows] for t in (q, k, v))
             k_pages, v_pages = self.cache.pages(plane, layer)
             o = paged_attention(
                 qp.reshape(-1, H, D),
                 kp.reshape(-1, H, D),
                 vp.reshape(-1, H, D),
-                cu_q,
                 k_pages,
                 v_pages,
-                indptr,
-                ids,
-                lens,
+                layout,
                 backend=self.backend,
             ).view(-1, L, H, D)
             if out is None:

@@ -15,12 +15,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crcm.kernels import paged_attention, paged_attention_reference
+from crcm.kernels import PagedLayout, paged_attention, paged_attention_reference
 from crcm.kernels._common import LaunchConfig, forced_launch_config
 
 # The package re-exports the function under the module's name, so fetch the module itself.
@@ -31,9 +32,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @dataclass
 class Case:
-    """Kernel arguments plus each item's full key/value sequence built without any paging."""
+    """Kernel arguments (q, k_new, v_new, k_pages, v_pages, layout) plus each item's full
+    key/value sequence built without any paging."""
 
-    args: tuple[torch.Tensor, ...]
+    args: tuple
     keys: list[torch.Tensor]  # item i: [context + chunk, H, D]
     values: list[torch.Tensor]
 
@@ -95,19 +97,16 @@ def make_case(
         indptr.append(len(ids))
         cu_seqlens.append(rows.stop)
 
-    def i32(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=device)
-
-    args = (
-        q.to(device), k_new.to(device), v_new.to(device), i32(cu_seqlens),
-        k_pages.to(device), v_pages.to(device), i32(indptr), i32(ids), i32(lens),
-    )  # fmt: skip
+    layout = PagedLayout(
+        cu_seqlens, indptr, ids, lens, num_pages=num_pages, page_tokens=page_tokens, device=device
+    )
+    args = (*(x.to(device) for x in (q, k_new, v_new, k_pages, v_pages)), layout)
     return Case(args, keys, values)
 
 
 def naive_attention(case: Case, scale: float | None = None) -> torch.Tensor:
     """Explicit float64 softmax attention per item over the independently built sequences."""
-    q, cu = case.args[0], case.args[3].tolist()
+    q, cu = case.args[0], case.args[5].cu_q_host
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty(q.shape, dtype=torch.float64)
     for i, (k, v) in enumerate(zip(case.keys, case.values, strict=True)):
@@ -134,6 +133,7 @@ CASES = {
 }
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
@@ -143,6 +143,7 @@ def test_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
     assert_close(paged_attention(*case.args, backend="triton"), expected.float(), dtype)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kv_splits", [2, 3, 8])
 @pytest.mark.parametrize("name", ["one-item", "four-items", "empty-chunk"])
 def test_kernel_with_split_context(name: str, kv_splits: int) -> None:
@@ -174,14 +175,16 @@ def test_rejects_bad_kv_splits(kv_splits) -> None:
         paged_attention(*case.args, kv_splits=kv_splits)
 
 
+@pytest.mark.interpreter
 def test_kernel_shared_pages_and_scale() -> None:
     case = make_case([9, 18, 4], [[16, 5], [16], [16, 16]], share_first_page=True, seed=3)
-    ids = case.args[7].tolist()
+    ids = case.args[5].kv_page_ids.tolist()
     assert ids[0] == ids[2] == ids[3], "the case must share item 0's first page"
     out = paged_attention(*case.args, scale=0.3, backend="triton")
     assert_close(out, naive_attention(case, scale=0.3), torch.float32)
 
 
+@pytest.mark.interpreter
 def test_kernel_page_larger_than_tile_and_strided_queries() -> None:
     # 40-token pages span three 16-token tiles; q is a view into a fused [tokens, 3, H, D] qkv.
     case = make_case([23, 7], [[40, 17], [33]], page_tokens=40, seed=5)
@@ -192,6 +195,7 @@ def test_kernel_page_larger_than_tile_and_strided_queries() -> None:
     assert_close(paged_attention(*args, backend="triton"), naive_attention(case), torch.float32)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize(("block_m", "block_n"), [(32, 16), (16, 32)])
 def test_kernel_with_other_tiles(block_m: int, block_n: int) -> None:
     # GPU configurations have BLOCK_M = 2·BLOCK_N or 4·BLOCK_N; run such tilings in the
@@ -210,6 +214,7 @@ def test_reference_matches_naive_softmax(name: str) -> None:
     assert_close(paged_attention_reference(*case.args), naive_attention(case), torch.float32)
 
 
+@pytest.mark.interpreter
 @settings(max_examples=10, deadline=None)
 @given(
     items=st.lists(
@@ -233,6 +238,7 @@ def test_kernel_random_sweep(items, page_tokens, head_dim, dtype, seed) -> None:
 # --- dispatch --------------------------------------------------------------------------------
 
 
+@pytest.mark.interpreter  # with CUDA present, forcing Triton on CPU tensors is refused earlier
 def test_auto_backend_is_torch_on_cpu_and_env_var_forces_triton(monkeypatch) -> None:
     case = make_case([5], [[16]], seed=2)
 
@@ -268,11 +274,10 @@ def test_imports_and_runs_without_triton() -> None:
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
-from crcm.kernels import paged_attention
+from crcm.kernels import PagedLayout, paged_attention
 q = torch.randn(3, 1, 16)
-i32 = lambda x: torch.tensor(x, dtype=torch.int32)
-args = (q, q, q, i32([0, 3]), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16),
-        i32([0, 1]), i32([0]), i32([4]))
+layout = PagedLayout([0, 3], [0, 1], [0], [4], num_pages=1, page_tokens=4)
+args = (q, q, q, torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), layout)
 assert torch.isfinite(paged_attention(*args)).all()
 try:
     paged_attention(*args, backend="triton")
@@ -293,7 +298,59 @@ def _replace(args: tuple, index: int, value) -> tuple:
     return (*args[:index], value, *args[index + 1 :])
 
 
-I32 = torch.int32
+# 3 items: q rows [5, 16, 0]; pages: item 0 none, item 1 two, item 2 one; a pool of 7 pages.
+LAYOUT_ARGS = ([0, 5, 21, 21], [0, 0, 2, 3], [4, 1, 6], [16, 16, 3])
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "error", "match"),
+    [
+        (0, [0.0, 5.0, 21.0, 21.0], TypeError, "cu_seqlens_q must hold integers"),
+        (0, torch.tensor([0, 5, 21, 21], dtype=torch.float32), TypeError, "must hold integers"),
+        (0, [[0, 5], [21, 21]], ValueError, "cu_seqlens_q must be 1-D"),
+        (0, [0], ValueError, "at least two entries"),
+        (0, [0, 21], ValueError, "kv_indptr must have n_items"),
+        (0, [0, 16, 5, 21], ValueError, "cu_seqlens_q must be non-decreasing"),
+        (0, [1, 5, 21, 21], ValueError, "cu_seqlens_q must start at 0"),
+        (0, [0, 5, 21, 2**31], ValueError, "cu_seqlens_q must fit in int32"),
+        (1, [0, 2, 1, 3], ValueError, "kv_indptr must be non-decr"),
+        (1, [0, 0, 2, 2], ValueError, "kv_indptr must start at 0 and end at 3"),
+        (2, [0, 1, 7], ValueError, r"kv_page_ids must lie in \[0, 7\)"),
+        (2, np.array([0, -1, 2]), ValueError, "kv_page_ids must lie"),
+        (3, [16, 0, 3], ValueError, r"kv_page_lens must lie in \[1, 16\]"),
+        (3, torch.tensor([16, 17, 3]), ValueError, "kv_page_lens must lie"),
+        (3, [16, 3], ValueError, "must parallel kv_page_ids"),
+    ],
+)
+def test_layout_rejects_bad_indices(index: int, value, error: type, match: str) -> None:
+    PagedLayout(*LAYOUT_ARGS, num_pages=7, page_tokens=16)  # the unchanged layout is valid
+    with pytest.raises(error, match=match):
+        PagedLayout(*_replace(LAYOUT_ARGS, index, value), num_pages=7, page_tokens=16)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+def test_layout_rejects_bad_pool(bad) -> None:
+    with pytest.raises(ValueError, match="num_pages must be a positive int"):
+        PagedLayout(*LAYOUT_ARGS, num_pages=bad, page_tokens=16)
+    with pytest.raises(ValueError, match="page_tokens must be a positive int"):
+        PagedLayout(*LAYOUT_ARGS, num_pages=7, page_tokens=bad)
+
+
+def test_layout_accepts_host_arrays_and_tensors_alike() -> None:
+    as_lists = PagedLayout(*LAYOUT_ARGS, num_pages=7, page_tokens=16)
+    as_arrays = PagedLayout(*(np.array(x, np.int16) for x in LAYOUT_ARGS), num_pages=7,
+                            page_tokens=16)  # fmt: skip
+    as_tensors = PagedLayout(*(torch.tensor(x) for x in LAYOUT_ARGS), num_pages=7, page_tokens=16)
+    for layout in (as_arrays, as_tensors):
+        for name in ("cu_seqlens_q", "kv_indptr", "kv_page_ids", "kv_page_lens"):
+            assert getattr(layout, name).dtype == torch.int32
+            assert torch.equal(getattr(layout, name), getattr(as_lists, name))
+    assert (as_lists.n_items, as_lists.total_q, as_lists.max_len_q, as_lists.max_pages) == (
+        3, 21, 16, 2,
+    )  # fmt: skip
+    assert "items=3" in repr(as_lists)
+    empty = PagedLayout([0, 4], [0, 0], [], [], num_pages=1, page_tokens=16)
+    assert empty.kv_page_ids.numel() == 0 and empty.max_pages == 0
 
 
 @pytest.mark.parametrize(
@@ -302,26 +359,21 @@ I32 = torch.int32
         (0, torch.randn(21, 64), ValueError, r"q must be \[total_q, H, D\]"),
         (1, torch.randn(20, 2, 32), ValueError, "k_new must have q's shape"),
         (2, torch.randn(21, 2, 32, dtype=torch.float64), TypeError, "v_new has dtype"),
-        (3, torch.tensor([0, 5, 21], dtype=torch.int64), TypeError, "cu_seqlens_q must be int32"),
-        (3, torch.tensor([0, 21], dtype=I32), ValueError, "kv_indptr must have n_items"),
-        (3, torch.tensor([0, 16, 5, 21], dtype=I32), ValueError, "non-decreasing"),
-        (3, torch.tensor([0, 5, 20, 20], dtype=I32), ValueError, "end at 21"),
-        (4, torch.randn(7, 16, 2, 16), ValueError, "k_pages must be"),
-        (5, torch.randn(7, 8, 2, 32), ValueError, "v_pages must have k_pages' shape"),
-        (5, torch.randn(7, 2, 16, 32).transpose(1, 2), ValueError, "must be contiguous"),
-        (6, torch.tensor([0, 2, 1, 3], dtype=I32), ValueError, "kv_indptr must be non-decr"),
-        (7, torch.tensor([0, 1, 7], dtype=I32), ValueError, r"kv_page_ids must lie in \[0, 7\)"),
-        (7, torch.tensor([0, -1, 2], dtype=I32), ValueError, "kv_page_ids must lie"),
-        (8, torch.tensor([16, 0, 3], dtype=I32), ValueError, r"kv_page_lens must lie in \[1, 16\]"),
-        (8, torch.tensor([16, 17, 3], dtype=I32), ValueError, "kv_page_lens must lie"),
-        (8, torch.tensor([16, 3], dtype=I32), ValueError, "must parallel kv_page_ids"),
-        (8, [16, 16, 3], TypeError, "kv_page_lens must be a torch.Tensor"),
+        (3, torch.randn(7, 16, 2, 16), ValueError, "k_pages must be"),
+        (3, torch.randn(8, 16, 2, 32), ValueError, "the layout's page pool"),
+        (4, torch.randn(7, 8, 2, 32), ValueError, "v_pages must have k_pages' shape"),
+        (4, torch.randn(7, 2, 16, 32).transpose(1, 2), ValueError, "must be contiguous"),
+        (4, [1.0], TypeError, "v_pages must be a torch.Tensor"),
+        (5, torch.tensor([0, 5, 21]), TypeError, "layout must be a PagedLayout"),
+        (5, PagedLayout(*LAYOUT_ARGS, num_pages=7, page_tokens=16, device="meta"), ValueError,
+         "layout is on meta but q is on cpu"),
+        (5, PagedLayout([0, 5, 20, 20], *LAYOUT_ARGS[1:], num_pages=7, page_tokens=16),
+         ValueError, "q has 21 rows but the layout's items own 20"),
     ],
-)
+)  # fmt: skip
 def test_rejects_bad_inputs(index: int, value, error: type, match: str) -> None:
-    # 3 items: q rows [5, 16, 0]; pages: item 0 none, item 1 two, item 2 one; pool of 3 pages.
     case = make_case([5, 16, 0], [[], [16, 16], [3]], seed=4)
-    assert case.args[4].shape[0] == 7
+    assert case.args[3].shape[0] == 7
     with pytest.raises(error, match=match):
         paged_attention_reference(*_replace(case.args, index, value))
 
