@@ -144,12 +144,16 @@ def _attention_jvp_torch(q, k, v, t_q, t_k, t_v, mask, scale, static_q, static_k
 def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
     """GPU launch configurations, preferred first (see :class:`LaunchLadder`). The JVP holds two
     ``BLOCK_M × D`` fp32 accumulators (Õ and A + B) and up to three score tiles (S, tS, P ⊙ tS)
-    where FlashAttention holds one and one, and streams four key-side tiles (K, V, tK, tV), so
-    its tiles are smaller than the primal's. The first rung is the configuration timed on an
-    H200 (benches/results/kernels-nvidia-h200.json); the others step down in shared memory. In an
-    offline sm_90 compile (benches/kernel_resources.py, Triton 3.9) the rungs take, at D=128,
-    172, 132, 104, 98 and 68 KiB of shared memory and spill 88, 0, 0, 16 and 80 bytes of
-    registers; at D=64, 104, 68 and 32 KiB and none."""
+    where FlashAttention holds one and one, and streams four key-side tiles (K, V, tK, tV).
+
+    At D=128 the order comes from timing eleven configurations on an H200 (Wan2.1-1.3B shapes,
+    benches/results/kernels-nvidia-h200.json): 128-row tiles with 8 warps (two warpgroups of 64
+    rows, the shape Hopper's matrix instructions want) ran the TF-sCM JVP 1.8× faster than the
+    64-row tiles once first here, despite spilling a few registers. Each later rung is the
+    fastest measured that needs less shared memory than the one before; in an offline sm_90
+    compile (benches/kernel_resources.py, Triton 3.6) the moving-query variant takes 200, 164,
+    98 and 64 KiB: the first fits sm_90 (227 KiB), the third sm_80 and sm_86/sm_89 (163 and
+    99 KiB). At D=64: 104, 68 and 32 KiB."""
     if head_dim <= 64:
         return (
             LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
@@ -157,11 +161,10 @@ def _rungs(head_dim: int) -> tuple[LaunchConfig, ...]:
             LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=1),
         )
     return (
-        LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
-        LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),
-        LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+        LaunchConfig(block_m=128, block_n=32, num_warps=8, num_stages=3),
         LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
-        LaunchConfig(block_m=64, block_n=32, num_warps=8, num_stages=1),
+        LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=1),
     )
 
 
