@@ -101,6 +101,7 @@ def test_reference_matches_central_difference() -> None:
     torch.testing.assert_close(t_o, finite_difference, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.interpreter
 def test_rows_without_keys_are_zero() -> None:
     inputs = make_inputs(CUSTOM, seed=3)
     for backend in ("torch", "triton"):
@@ -113,6 +114,7 @@ def test_rows_without_keys_are_zero() -> None:
 # --- the kernel against the reference --------------------------------------------------------
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     ("name", "head_dim", "batch", "heads"),
@@ -132,6 +134,7 @@ def test_kernel_matches_reference(name, head_dim, batch, heads, dtype) -> None:
     assert_close(attention_jvp(*inputs, mask, backend="triton"), expected, dtype)
 
 
+@pytest.mark.interpreter
 def test_kernel_scale_and_strided_inputs() -> None:
     mask = MASKS["tf-unaligned"]
     q, k, v, t_q, t_k, t_v = make_inputs(mask, seed=5)
@@ -144,6 +147,7 @@ def test_kernel_scale_and_strided_inputs() -> None:
     assert_close(actual, expected, torch.float32)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize(("block_m", "block_n"), [(32, 16), (16, 32)])
 def test_kernel_with_other_tiles(block_m: int, block_n: int) -> None:
     # GPU configurations use BLOCK_M ≠ 16; the block map and the kernel must agree on any tiling.
@@ -158,6 +162,7 @@ def test_kernel_with_other_tiles(block_m: int, block_n: int) -> None:
         assert_close(actual, expected, torch.float32)
 
 
+@pytest.mark.interpreter
 @settings(max_examples=15, deadline=None)
 @given(
     kind=st.sampled_from(["full", "block-causal", "tf"]),
@@ -201,6 +206,7 @@ def zero_static(inputs, static_q: int, static_k: int) -> tuple[torch.Tensor, ...
     return q, k, v, t_q, t_k, t_v
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
     ("name", "static_q", "static_k"),
     [
@@ -224,6 +230,7 @@ def test_static_tokens(name: str, static_q: int, static_k: int, dtype: torch.dty
     assert_close(attention_jvp(*poisoned, mask, backend="triton", **statics), expected, dtype)
 
 
+@pytest.mark.interpreter
 def test_static_tokens_change_the_result() -> None:
     """The flags are honoured, not ignored: with moving clean tokens the JVP differs."""
     mask = MASKS["tf-unaligned"]
@@ -233,6 +240,7 @@ def test_static_tokens_change_the_result() -> None:
     assert (moving - static).abs().max() > 0.1
 
 
+@pytest.mark.interpreter
 def test_tf_clean_half_has_zero_tangent() -> None:
     """In the TF mask clean queries see only clean keys: with a static clean half their tO is 0,
     computed by the kernel's primal-only path (query tiles wholly static)."""
@@ -245,6 +253,7 @@ def test_tf_clean_half_has_zero_tangent() -> None:
     assert t_o[:, clean:].abs().max() > 0.1
 
 
+@pytest.mark.interpreter
 @settings(max_examples=15, deadline=None)
 @given(
     num_chunks=st.integers(1, 3),
@@ -274,6 +283,7 @@ def test_first_query_seeing_matches_dense_mask(name: str) -> None:
         assert mask.first_query_seeing(key) == expected, key
 
 
+@pytest.mark.interpreter
 def test_ladder_keys_name_the_variants_launched(monkeypatch) -> None:
     """Static and moving query tiles compile to kernels of different sizes: a rung that fitted a
     call with only static tiles must not be reused for one with moving tiles."""

@@ -30,6 +30,7 @@ from crcm.training.config import load_config
 from crcm.training.trainer import train
 
 BASE = [
+    'device="cpu"',  # gloo on CPU even where a GPU is present (one GPU cannot host two ranks)
     "data.frames=2",
     "batch_size=2",
     "micro_batch_size=1",

@@ -111,6 +111,7 @@ def test_time_tangent_is_per_unit_of_rf_time():
     torch.testing.assert_close(dv_ds, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_model_jvp_float32_triton_interpreter_matches_torch_backend():
     """The kernel path (run by Triton's interpreter on CPU) gives the reference's tangents."""
     pytest.importorskip("triton")
@@ -128,7 +129,9 @@ def test_model_jvp_float32_triton_interpreter_matches_torch_backend():
     torch.testing.assert_close(t_v, t_v_ref, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
 def test_static_frames_give_the_same_tangents(backend: str):
     """TF-sCM's clean half: zero tangents taken as static give what zeros passed in give, and
     whatever the caller put there is ignored."""
