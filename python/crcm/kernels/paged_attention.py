@@ -14,8 +14,9 @@ padding and is never read. Pages evicted by a sliding window are simply absent f
 The row offsets and the page table travel together as a :class:`PagedLayout`, built once per
 streaming step from host arrays and shared by every layer: it is validated on the host and
 copied to the device once, so a call of :func:`paged_attention` never waits for the GPU (no
-device-to-host copy, so it can be captured in a CUDA graph). On an H200 the two syncs per call
-that validating device tensors cost made a 1-frame chunk with no context 3.2× slower than SDPA.
+device-to-host copy; capturing a step in a CUDA graph would need that too). On an H200 the two
+syncs per call that validating device tensors cost made a 1-frame chunk with no context 3.2×
+slower than SDPA.
 
 Split context (flash-decoding). One program per (query tile, item, head) leaves most of a GPU
 idle when few streams run: one stream's 1-frame chunk of Wan2.1-1.3B is 13 × 12 = 156 programs
