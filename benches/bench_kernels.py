@@ -154,8 +154,10 @@ def time_configs(
     rungs = list(ladder.rungs(head_dim))
     extra = [c for c in candidates if c not in rungs]
     for prefix, config in [("", c) for c in rungs] + [("candidate ", c) for c in extra]:
-        c = config
-        name = f"{prefix}BM{c.block_m}-BN{c.block_n}-w{c.num_warps}-s{c.num_stages}"
+        name = (
+            f"{prefix}BM{config.block_m}-BN{config.block_n}"
+            f"-w{config.num_warps}-s{config.num_stages}"
+        )
         try:
             with forced_launch_config(config):
                 times[name] = time_ms(fn, *timing)

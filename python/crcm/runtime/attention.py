@@ -136,8 +136,8 @@ class TritonPagedAttention:
             layout = PagedLayout(
                 np.arange(len(members) + 1) * L,
                 np.concatenate([[0], np.cumsum(counts)]),
-                np.concatenate([rows[r].page_ids for r in members] or [[]]).astype(np.int64),
-                np.concatenate([rows[r].page_lens for r in members] or [[]]).astype(np.int64),
+                np.concatenate([rows[r].page_ids for r in members] or [[]]),
+                np.concatenate([rows[r].page_lens for r in members] or [[]]),
                 num_pages=self.cache.k.shape[2],
                 page_tokens=self.cache.page_tokens,
                 device=dev,
