@@ -1,6 +1,13 @@
 """Type stubs of ``crcm._native``, the PyO3 binding of the Rust runtime core (``rust/crcm-core``).
 
-Errors are raised as the classes of :mod:`crcm.errors`.
+Errors are raised as the classes of :mod:`crcm.errors`. An argument of the wrong type raises
+``TypeError`` and an integer out of its range ``OverflowError``, each naming the argument and
+its valid range (``chunk_frames must be an integer in [0, 4294967295], got -1``). Integers are
+anything with ``__index__`` (NumPy integers too) except ``bool``; numbers anything ``float()``
+takes except ``bool``. No input aborts the process: sizes are bounded (a frame at most
+``2**30`` bytes, a frame buffer at most ``2**20`` frames, a pool at most ``2**24`` pages, a
+stream at most ``2**24`` pending actions, each refused with ``ConfigError``) and a failed
+allocation is a ``MemoryError``. See docs/reliability.md.
 """
 
 from typing import Literal
@@ -76,7 +83,8 @@ class Scheduler:
         admission: Literal["refuse", "queue"] = "refuse",
     ) -> Phase: ...
     def fork(self, src: int, dst: int) -> None: ...
-    def push_actions(self, stream_id: int, actions: list[int]) -> None: ...
+    def push_actions(self, stream_id: int, actions: list[int]) -> None:
+        """Queues actions (ids >= 0) for the stream's next frames; at most ``2**24`` may wait."""
     def set_paused(self, stream_id: int, paused: bool) -> None: ...
     def close(self, stream_id: int) -> None: ...
     def tick(self, now: float | None = None) -> Plan | None: ...
@@ -98,7 +106,12 @@ class Scheduler:
     def check_invariants(self) -> None: ...
 
 class FrameBuffer:
-    """Bounded ring of ``uint8 [height, width, channels]`` frames; thread-safe."""
+    """Bounded ring of ``uint8 [height, width, channels]`` frames; thread-safe.
+
+    A frame is at most ``2**30`` bytes and ``capacity`` at most ``2**20``. ``push`` (with
+    ``backpressure="block"``) and ``pop`` wait with the GIL released and check for signals
+    every 50 ms: Ctrl+C raises ``KeyboardInterrupt`` at once, also with ``timeout=None``.
+    """
 
     def __init__(
         self,

@@ -66,7 +66,11 @@ def _cmd_play(args: argparse.Namespace) -> int:
     )
 
     config = ServeConfig(
-        max_sessions=args.max_sessions, fps=args.fps, steps=args.steps, seed=args.seed
+        max_sessions=args.max_sessions,
+        fps=args.fps,
+        steps=args.steps,
+        seed=args.seed,
+        allowed_hosts=tuple(args.allow_host or ()),
     )
     names = args.model or list(DEFAULT_PLAY_MODELS)
     server = PlayServer([resolve_model(name) for name in names], config)
@@ -118,6 +122,13 @@ def add_play_parser(subparsers) -> argparse.ArgumentParser:
         "--steps", type=int, choices=range(1, 5), default=1, help="default steps per frame (1)"
     )
     play.add_argument("--seed", type=int, help="noise seed of every session (default: random)")
+    play.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a host name the page may be opened under besides the address it listens on and "
+        "localhost (repeatable); requests naming any other host are refused (DNS rebinding)",
+    )
     play.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )

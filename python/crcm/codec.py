@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crcm.errors import NonFiniteError
+
 __all__ = ["Codec", "PixelCodec", "VAECodec", "frames_to_unit", "unit_to_frames"]
 
 
@@ -67,11 +69,21 @@ def frames_to_unit(
 
 
 def unit_to_frames(x_B_T_C_H_W: Tensor) -> Tensor:
-    """``[-1, 1]`` floats → ``uint8 [B, T, H, W, C]`` (rounded, out-of-range values clipped)."""
+    """``[-1, 1]`` floats → ``uint8 [B, T, H, W, C]`` (rounded, out-of-range values clipped).
+
+    NaN or infinite values raise :class:`~crcm.errors.NonFiniteError`: cast to ``uint8`` they
+    would become black (or arbitrary) pixels, a broken model looking like a dark frame.
+    """
     if not isinstance(x_B_T_C_H_W, Tensor) or not x_B_T_C_H_W.is_floating_point():
         raise TypeError(f"expected a floating tensor, got {_describe(x_B_T_C_H_W)}")
     if x_B_T_C_H_W.ndim != 5:
         raise ValueError(f"expected [B, T, C, H, W], got {list(x_B_T_C_H_W.shape)}")
+    if not bool(torch.isfinite(x_B_T_C_H_W).all()):
+        bad = int((~torch.isfinite(x_B_T_C_H_W)).sum())
+        raise NonFiniteError(
+            f"{bad} of {x_B_T_C_H_W.numel()} values to decode are not finite (NaN or inf): the "
+            "model's output is broken; refusing to turn it into black frames"
+        )
     pixels = ((x_B_T_C_H_W.float() + 1.0) * 127.5).round().clamp(0, 255)
     return pixels.to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
 

@@ -54,6 +54,11 @@ class BufferClosedError(CrcmError):
     """The frame buffer was closed."""
 
 
+class NonFiniteError(CrcmError, ValueError):
+    """A tensor that must be finite holds NaN or infinite values (e.g. a model's output, which
+    would otherwise decode to black frames)."""
+
+
 __all__ = [
     "BadPageError",
     "BufferClosedError",
@@ -62,6 +67,7 @@ __all__ = [
     "FrameShapeError",
     "FrameTimeoutError",
     "InvalidStateError",
+    "NonFiniteError",
     "PagesExhaustedError",
     "StreamExistsError",
     "UnknownPlanError",

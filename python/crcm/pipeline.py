@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import struct
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from crcm.codec import Codec, PixelCodec
@@ -25,7 +31,7 @@ from crcm.sampling import SamplerConfig, get_preset
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
-__all__ = ["Pipeline", "load", "shipped_models"]
+__all__ = ["Pipeline", "check_weights_file", "load", "read_safetensors_header", "shipped_models"]
 
 
 @dataclass
@@ -73,7 +79,10 @@ class Pipeline:
         cfg = get_config(config) if isinstance(config, str) else config
         if codec is None:
             codec = _default_codec(cfg)
-        torch.manual_seed(seed)
+        is_int = isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_))
+        if not is_int or not 0 <= int(seed) < 2**64:  # torch would wrap -1 to 2**64 - 1
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        torch.manual_seed(int(seed))
         model = CausalDiT(cfg).eval()
         return cls(
             model=model,
@@ -109,6 +118,7 @@ class Pipeline:
             raise ConfigError(
                 f"{path} looks like a pickle; crcm loads safetensors only (never unpickles)"
             )
+        read_safetensors_header(path)  # a corrupt file is refused before the model is built
         model = CausalDiT(cfg)
         try:
             load_weights(model, path, prefix=prefix)
@@ -138,11 +148,15 @@ class Pipeline:
         n = self.model.cfg.num_actions
         if isinstance(action, str):
             if action not in self.action_names:
-                raise ConfigError(f"unknown action {action!r}; known: {list(self.action_names)}")
+                shown = repr(action) if len(action) <= 40 else repr(action[:40]) + "..."
+                raise ConfigError(f"unknown action {shown}; known: {list(self.action_names)}")
             return self.action_names.index(action)
-        if isinstance(action, bool) or not isinstance(action, int) or not 0 <= action < n:
-            raise ConfigError(f"action must be an int in [0, {n}) or a name, got {action!r}")
-        return action
+        # NumPy integers are ints too; bools are not (True is not an action).
+        is_int = isinstance(action, numbers.Integral) and not isinstance(action, (bool, np.bool_))
+        if not is_int or not 0 <= int(action) < n:
+            shown = repr(action) if len(repr(action)) <= 60 else repr(action)[:57] + "..."
+            raise ConfigError(f"action must be an int in [0, {n}) or a name, got {shown}")
+        return int(action)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes ``model.safetensors`` and ``crcm.json`` into the folder ``path`` (atomically)."""
@@ -193,38 +207,259 @@ def load(
                 f"model.safetensors) nor a shipped model ({', '.join(names) or 'none shipped'})"
             )
         folder = shipped
+    where = folder / "crcm.json"
     try:
-        meta = json.loads((folder / "crcm.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {folder / 'crcm.json'}: {err}") from err
-    if meta.get("format") != "crcm-pipeline" or meta.get("version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"{folder / 'crcm.json'} is not a crcm pipeline of version {FORMAT_VERSION}"
-        )
-    try:
-        model_cfg = _dataclass_from(DiTConfig, meta["model"])
-        codec_meta = meta["codec"]
-        if codec_meta.get("type") != "pixel":
-            raise ConfigError(f"unknown codec type {codec_meta.get('type')!r}")
-        codec = PixelCodec(
-            tuple(codec_meta["frame_hw"]), codec_meta["frame_channels"], codec_meta["patch"]
-        )
-        sampler = _dataclass_from(SamplerConfig, meta["sampler"])
-    except (KeyError, TypeError) as err:
-        raise ConfigError(f"{folder / 'crcm.json'} is incomplete or malformed: {err}") from err
+        meta = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"cannot read {where}: {err}") from err
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != "crcm-pipeline"
+        or meta.get("version") != FORMAT_VERSION
+    ):
+        raise ConfigError(f"{where} is not a crcm pipeline of version {FORMAT_VERSION}")
+    # Every value is checked for its type and range before anything is built from it (the
+    # folder may come from anywhere), and each refusal names the field.
+    model_cfg = _dataclass_from(DiTConfig, meta.get("model"), where, "model")
+    codec = _codec_from(meta.get("codec"), where)
+    sampler = _dataclass_from(SamplerConfig, meta.get("sampler"), where, "sampler")
+    action_names = meta.get("action_names", [])
+    if not isinstance(action_names, list) or not all(
+        isinstance(a, str) and a for a in action_names
+    ):
+        raise ConfigError(f"{where}: action_names must be a list of non-empty strings")
+    name = meta.get("name", folder.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string, got {type(name).__name__}")
+    weights = folder / "model.safetensors"
+    # The weights file's header (shapes, dtypes, sizes) is checked against the config before
+    # the model is built: a small file declaring a large model is refused without allocating.
+    check_weights_file(weights, model_cfg)
     model = CausalDiT(model_cfg)
     try:
-        load_weights(model, folder / "model.safetensors", naming="crcm")
+        load_weights(model, weights, naming="crcm")
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load {folder / 'model.safetensors'}: {err}") from err
+        raise ConfigError(f"cannot load {weights}: {err}") from err
     model = model.to(device=device, dtype=dtype).eval()
-    return Pipeline(
-        model=model,
-        codec=codec,
-        sampler=sampler,
-        action_names=tuple(meta.get("action_names", ())),
-        name=str(meta.get("name", folder.name)),
-    )
+    try:
+        return Pipeline(
+            model=model,
+            codec=codec,
+            sampler=sampler,
+            action_names=tuple(action_names),
+            name=name,
+        )
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+# -- checking a model folder ------------------------------------------------------------------
+
+_JSON_INT_MAX = 2**31  # sizes in crcm.json: anything larger is a typo (or an attack)
+# Bytes per element of the safetensors dtypes.
+_SAFETENSORS_DTYPES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def _json_value(value: object, hint: object, name: str) -> object:
+    """``value`` from JSON checked against a dataclass field's type (lists become tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _json_value(value, inner, name)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_json_value(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_json_value(v, a, f"{name}[{i}]") for i, (v, a) in pairs)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if not -_JSON_INT_MAX < value < _JSON_INT_MAX:
+            raise ConfigError(f"{name} must be an integer in (-2**31, 2**31), got {value}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    return value  # a field type this check does not know: the dataclass checks it
+
+
+def _dataclass_from(cls, values: object, where: Path, section: str):
+    """A config dataclass from its ``crcm.json`` section, every field's JSON type checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{where}: {section} must be an object of {cls.__name__} fields, got "
+            f"{type(values).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {section} fields {unknown}")
+    checked = {k: _json_value(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {section}: {err}") from None
+
+
+def _codec_from(values: object, where: Path) -> PixelCodec:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: codec must be an object, got {type(values).__name__}")
+    if values.get("type") != "pixel":
+        raise ConfigError(f"{where}: unknown codec type {values.get('type')!r}")
+    unknown = sorted(set(values) - {"type", "frame_hw", "frame_channels", "patch"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown codec fields {unknown}")
+    missing = sorted({"frame_hw", "frame_channels", "patch"} - set(values))
+    if missing:
+        raise ConfigError(f"{where}: codec needs the fields {missing}")
+    frame_hw = _json_value(values["frame_hw"], tuple[int, int], "codec.frame_hw")
+    channels = _json_value(values["frame_channels"], int, "codec.frame_channels")
+    patch = _json_value(values["patch"], int, "codec.patch")
+    try:
+        return PixelCodec(frame_hw, channels, patch)
+    except ValueError as err:
+        raise ConfigError(f"{where}: codec: {err}") from None
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file, from its header alone, checked: a known
+    dtype, a shape of non-negative ints and a byte range inside the file of exactly
+    ``prod(shape) × itemsize`` bytes for every tensor. Reads at most the header."""
+    path = Path(path)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"cannot load {path}: not a valid safetensors file: {why}")
+
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise bad(f"{size} bytes")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > _MAX_HEADER_BYTES:
+                raise bad(f"its header claims {n} bytes, the file has {size - 8} after it")
+            raw = f.read(n)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise bad(f"its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("its __metadata__ is not an object of strings")
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise bad(f"tensor {key!r} is not described by an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"tensor {key!r} has an unknown dtype {dtype!r}")
+        ints = (list, tuple)
+        if not isinstance(shape, ints) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(f"tensor {key!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, ints)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise bad(f"tensor {key!r} has data offsets {offsets!r} outside the file")
+        if offsets[1] - offsets[0] != math.prod(shape) * _SAFETENSORS_DTYPES[dtype]:
+            raise bad(f"tensor {key!r} of shape {shape} and dtype {dtype} does not fit its bytes")
+    return header, metadata
+
+
+def check_weights_file(path: str | os.PathLike[str], cfg: DiTConfig) -> None:
+    """Checks a crcm-named weights file against ``cfg`` from its header, before any model is
+    built: the config it was saved from (when it names one), the parameter count, then every
+    tensor's name and shape (against a model on the meta device, which allocates nothing).
+    """
+    path = Path(path)
+    tensors, metadata = read_safetensors_header(path)
+    stored = metadata.get("crcm_config")
+    if stored is not None:
+        try:
+            values = json.loads(stored)
+        except (json.JSONDecodeError, RecursionError):
+            values = None
+        theirs = _dataclass_from(DiTConfig, values, path, "its stored crcm_config")
+        if theirs != cfg:
+            diff = [
+                f"{f.name}={getattr(theirs, f.name)!r} (crcm.json {getattr(cfg, f.name)!r})"
+                for f in dataclasses.fields(cfg)
+                if getattr(theirs, f.name) != getattr(cfg, f.name)
+            ]
+            raise ConfigError(
+                f"cannot load {path}: {path} was saved from another config: {', '.join(diff)}"
+            )
+    held = sum(math.prod(info["shape"]) for info in tensors.values())
+    declared = cfg.num_params()
+    if held != declared:
+        raise ConfigError(
+            f"cannot load {path}: it holds {held:,} parameters but crcm.json declares a model "
+            f"of {declared:,} parameters"
+        )
+    # Same count: the model is no larger than the file, so building it on meta is cheap.
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in CausalDiT(cfg).state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k} is {tensors[k]['shape']} (model {shape})"
+        for k, shape in expected.items()
+        if k in tensors and list(tensors[k]["shape"]) != shape
+    ]
+    if problems:
+        shown = ", ".join(problems[:10]) + (
+            f" and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise ConfigError(f"cannot load {path}: it does not match crcm.json's model: {shown}")
 
 
 def _default_codec(cfg: DiTConfig) -> PixelCodec:
@@ -234,15 +469,6 @@ def _default_codec(cfg: DiTConfig) -> PixelCodec:
     if patch * patch != cfg.in_channels:
         raise ConfigError(f"no default pixel codec for {cfg.in_channels} channels; pass codec=")
     return PixelCodec((cfg.frame_hw[0] * patch, cfg.frame_hw[1] * patch), 1, patch)
-
-
-def _dataclass_from(cls, values: dict):
-    """Builds a frozen dataclass from JSON (lists back to tuples)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - fields
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _atomic_write(target: Path, text: str) -> None:

@@ -17,10 +17,13 @@ times, cache-update pass or noisy context, and the sink + window of its KV cache
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
+from numpy import bool_ as np_bool
 
 from crcm.errors import ConfigError
 
@@ -35,6 +38,30 @@ __all__ = [
 ]
 
 SIGMA_MAX = 1600.0
+_U32 = 2**32  # the runtime's counts are u32
+
+
+def _count(name: str, value: object, low: int) -> int:
+    """``value`` as an int in ``[low, 2**32)`` (NumPy integers too, not bools)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= int(value) < _U32:
+        raise ConfigError(f"{name} must be an integer in [{low}, 2**32), got {value}")
+    return int(value)
+
+
+def _sequence(name: str, value: object) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a sequence, got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def consistency_times(steps: int, sigma_max: float = SIGMA_MAX) -> list[float]:
@@ -118,23 +145,38 @@ class SamplerConfig:
     window_frames: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("consistency", "euler"):
+        # Every field is checked for its type as well as its range (a config may come from a
+        # crcm.json file), and normalised: NumPy numbers to Python ones, lists to tuples.
+        def norm(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.kind, str) or self.kind not in ("consistency", "euler"):
             raise ConfigError(f"kind must be 'consistency' or 'euler', got {self.kind!r}")
-        if self.chunk_frames < 1:
-            raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
-        if not self.steps_per_chunk or min(self.steps_per_chunk) < 1:
-            raise ConfigError(f"steps_per_chunk must be positive, got {self.steps_per_chunk}")
-        if max(self.steps_per_chunk) > len(self.times):
+        norm("chunk_frames", _count("chunk_frames", self.chunk_frames, 1))
+        steps = _sequence("steps_per_chunk", self.steps_per_chunk)
+        if not steps:
+            raise ConfigError("steps_per_chunk must be positive, got ()")
+        norm("steps_per_chunk", tuple(_count("steps_per_chunk", n, 1) for n in steps))
+        times = tuple(_finite("times", t) for t in _sequence("times", self.times))
+        norm("times", times)
+        if max(self.steps_per_chunk) > len(times):
             raise ConfigError(
-                f"{len(self.times)} times given but a chunk takes {max(self.steps_per_chunk)} steps"
+                f"{len(times)} times given but a chunk takes {max(self.steps_per_chunk)} steps"
             )
-        t = self.times
-        if any(not 0 < x <= 1 for x in t) or any(a <= b for a, b in itertools.pairwise(t)):
-            raise ConfigError(f"times must be strictly decreasing in (0, 1], got {list(t)}")
-        if self.cfg_scale < 0 or (self.kind == "consistency" and self.cfg_scale != 1.0):
-            raise ConfigError("cfg_scale applies to Euler sampling only and must be >= 0")
-        if self.sink_frames < 0 or (self.window_frames is not None and self.window_frames < 0):
-            raise ConfigError("sink_frames and window_frames must be >= 0")
+        if any(not 0 < x <= 1 for x in times) or any(a <= b for a, b in itertools.pairwise(times)):
+            raise ConfigError(f"times must be strictly decreasing in (0, 1], got {list(times)}")
+        if not isinstance(self.cache_update, (bool, np_bool)):
+            raise ConfigError(f"cache_update must be true or false, got {self.cache_update!r}")
+        norm("cache_update", bool(self.cache_update))
+        scale = _finite("cfg_scale", self.cfg_scale)
+        if scale < 0 or (self.kind == "consistency" and scale != 1.0):
+            raise ConfigError(
+                f"cfg_scale applies to Euler sampling only and must be >= 0, got {scale}"
+            )
+        norm("cfg_scale", scale)
+        norm("sink_frames", _count("sink_frames", self.sink_frames, 0))
+        if self.window_frames is not None:
+            norm("window_frames", _count("window_frames", self.window_frames, 0))
 
     def steps_of(self, chunk: int) -> int:
         return self.steps_per_chunk[min(chunk, len(self.steps_per_chunk) - 1)]

@@ -14,6 +14,12 @@ Everything that touches the runtime (open, push, pop, close) runs in worker thre
 runtime holds its lock for a whole batched forward, and the event loop must keep serving the
 other players meanwhile. Every bound lives in :class:`ServeConfig`.
 
+Hostile clients (docs/reliability.md): requests whose ``Host`` names neither the address the
+server is bound to nor an allowed name are refused (DNS rebinding); every connection the server
+ends gets a close code (a refused handshake an HTTP 403); a client that stops reading its frames
+is closed once a send waits ``send_timeout`` s or a keepalive ping goes unanswered, and its
+session's pages return; no malformed message or query reaches the log as a traceback.
+
 Frames are raw ``uint8`` rather than PNG: world-model frames are small (64×64×3 = 12 KiB), the
 server is on loopback or a LAN, and raw pixels cost no encoder time on a CPU that is busy
 running the model, and no asynchronous image decode on the page (``putImageData`` draws them
@@ -25,8 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import math
+import numbers
+import re
 import secrets
 import socket
 import struct
@@ -61,6 +71,10 @@ CLOSE_POLICY = 1008  # malformed or unknown message, bad origin, too many messag
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013  # server full
+MAX_REASON_BYTES = 123  # a close frame's reason (RFC 6455 §5.5: 125-byte payload, 2 for the code)
+
+# Host names a loopback server always answers to (besides the address it is bound to).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 # Config names served with random weights when no shipped model has the name (resolve_model):
 # ``tiny`` tries the page and the runtime without a trained model.
@@ -79,18 +93,52 @@ class ServeConfig:
     max_messages_per_s: int = 200  # a client sending more is closed (key repeat is ~30/s)
     max_inflight: int | None = None  # actions waiting for their frame (default: 2 chunks)
     seed: int | None = None  # every session's noise seed (reproducible play); None: random
+    # A client that stops reading is closed when a keepalive ping goes unanswered for
+    # ping_timeout s (pings every ping_interval s), or when one send waits send_timeout s (its
+    # socket buffers are full): within ping_interval + ping_timeout = 15 s by default.
+    ping_interval: float = 5.0
+    ping_timeout: float = 10.0
+    send_timeout: float = 10.0
+    # Host names served besides the bound address and localhost (e.g. this machine's name
+    # when it listens on a LAN); any other Host header is refused (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_sessions < 1:
-            raise ConfigError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if not 0.1 <= self.fps <= 240:
-            raise ConfigError(f"fps must be in [0.1, 240], got {self.fps}")
-        if not 1 <= self.steps <= self.max_steps <= 4:
+        def integer(name: str, low: int, high: int) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not ok or not low <= int(value) < high:
+                raise ConfigError(f"{name} must be an integer in [{low}, {high}), got {value!r}")
+
+        def seconds(name: str, low: float, high: float) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+        integer("max_sessions", 1, 2**16)
+        seconds("fps", 0.1, 240)
+        integer("max_steps", 1, 5)
+        integer("steps", 1, 5)
+        if self.steps > self.max_steps:
             raise ConfigError(f"steps must be in [1, {self.max_steps}], got {self.steps}")
-        if self.max_message_bytes < 64 or self.max_messages_per_s < 1:
-            raise ConfigError("max_message_bytes must be >= 64 and max_messages_per_s >= 1")
-        if self.max_inflight is not None and self.max_inflight < 1:
-            raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        integer("max_message_bytes", 64, 2**20)
+        integer("max_messages_per_s", 1, 2**20)
+        if self.max_inflight is not None:
+            integer("max_inflight", 1, 2**16)
+        if self.seed is not None:
+            ok = isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+            if not ok or not 0 <= int(self.seed) < 2**64:
+                raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        seconds("ping_interval", 0.1, 3600)
+        seconds("ping_timeout", 0.1, 3600)
+        seconds("send_timeout", 0.1, 3600)
+        if isinstance(self.allowed_hosts, str) or not all(
+            isinstance(h, str) and h for h in self.allowed_hosts
+        ):
+            raise ConfigError(
+                f"allowed_hosts must be a list of host names, got {self.allowed_hosts!r}"
+            )
 
 
 @dataclass
@@ -229,10 +277,18 @@ def _pop(session):
 class BadMessage(Exception):
     """A client message that ends its session (close code, reason)."""
 
+    kind = "bad_message"  # the "code" of the JSON error sent before the close
+
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class ClientStalled(BadMessage):
+    """The client does not take its frames: a send waited ``send_timeout`` seconds."""
+
+    kind = "slow_client"
 
 
 @dataclass
@@ -342,8 +398,11 @@ class Connection:
         text = message.get("text")
         if text is None:
             raise BadMessage(CLOSE_UNSUPPORTED, "send JSON text messages, not binary")
-        # Checked here as well as by the server's ws_max_size, which not every server has.
-        if len(text) > self.config.max_message_bytes:
+        # Checked here, with a proper close, rather than by the server's websocket layer:
+        # uvicorn's ws_max_size is only a hard bound far above this (see uvicorn_server).
+        if len(text) > self.config.max_message_bytes or (
+            len(text.encode("utf-8", "replace")) > self.config.max_message_bytes
+        ):
             raise BadMessage(CLOSE_TOO_BIG, f"message over {self.config.max_message_bytes} bytes")
         try:
             msg = json.loads(text)
@@ -362,10 +421,10 @@ class Connection:
             self.changed = True
             self.wake.set()
         elif kind == "reset":
-            await self.open(self.stream.entry.name, self.stream.steps)
+            await self.open(*self._current())
         elif kind == "config":
-            model = msg.get("model", self.stream.entry.name)
-            steps = msg.get("steps", self.stream.steps)
+            model, steps = self._current()
+            model, steps = msg.get("model", model), msg.get("steps", steps)
             self.check_choice(model, steps)
             await self.open(model, steps)
         else:
@@ -386,6 +445,12 @@ class Connection:
             self.action, self.seq = action, seq
             self.changed = True
             self.wake.set()
+
+    def _current(self) -> tuple[str, int]:
+        stream = self.stream
+        if stream is None:  # between a close and an open
+            return self.server.default_model, self.config.steps
+        return stream.entry.name, stream.steps
 
     def check_choice(self, model: object, steps: object) -> None:
         if not isinstance(model, str) or model not in self.server.models:
@@ -482,11 +547,19 @@ class Connection:
             # Checked under the lock: a reset's "session" message may have gone out while this
             # frame waited, and the page must never see an old session's frame after it.
             if self.stream is stream:
-                await self.ws.send_bytes(header + np.ascontiguousarray(frame).tobytes())
+                await self._send(self.ws.send_bytes(header + np.ascontiguousarray(frame).tobytes()))
 
     async def send_json(self, obj: dict[str, Any]) -> None:
         async with self.send_lock:
-            await self.ws.send_text(json.dumps(obj))
+            await self._send(self.ws.send_text(json.dumps(obj)))
+
+    async def _send(self, sending) -> None:
+        """A send that must finish within ``send_timeout``: one that waits longer means the
+        client stopped reading (its socket buffers are full), and ends the session."""
+        if not await _within(sending, self.config.send_timeout):
+            raise ClientStalled(
+                CLOSE_POLICY, f"the client took no frame for {self.config.send_timeout:g} s"
+            )
 
 
 def decode_frame(data: bytes) -> tuple[dict[str, int], np.ndarray]:
@@ -515,7 +588,10 @@ def create_app(server: PlayServer) -> Any:
         finally:
             server.stop()
 
-    app = FastAPI(title="crcm play", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No OpenAPI schema or docs pages: the app is a page and a websocket, not an API.
+    app = FastAPI(
+        title="crcm play", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = server
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -530,13 +606,25 @@ def create_app(server: PlayServer) -> Any:
     async def play(ws: WebSocket) -> None:
         # Browsers let any page open a websocket to 127.0.0.1: only this server's own page
         # (same host:port) may, while non-browser clients (no Origin header) are accepted.
+        # (The Host header itself was checked by HostCheck.)
         origin = ws.headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != ws.headers.get("host"):
-            await ws.close(code=CLOSE_POLICY, reason="cross-origin connection refused")
+        if (
+            origin is not None
+            and urlsplit(origin).netloc.lower() != ws.headers.get("host", "").lower()
+        ):
+            with contextlib.suppress(Exception):
+                await ws.close(code=CLOSE_POLICY, reason="cross-origin connection refused")
             return
-        await ws.accept()
+        try:
+            await ws.accept()
+        except Exception as err:  # the client went away during the handshake
+            log.debug("websocket handshake ended: %r", err)
+            return
+        timeout = server.config.send_timeout
         if server.active >= server.config.max_sessions:
-            await _refuse(ws, CLOSE_TRY_LATER, "busy", "the server is full; try again later")
+            await _refuse(
+                ws, CLOSE_TRY_LATER, "busy", "the server is full; try again later", timeout
+            )
             return
         server.active += 1
         server.sessions_served += 1
@@ -544,31 +632,144 @@ def create_app(server: PlayServer) -> Any:
         try:
             model = ws.query_params.get("model", server.default_model)
             steps_text = ws.query_params.get("steps", str(server.config.steps))
-            steps = int(steps_text) if steps_text.isdigit() else -1
+            # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and few.
+            steps = int(steps_text) if re.fullmatch(r"[0-9]{1,3}", steps_text) else -1
             conn.check_choice(model, steps)
-            await ws.send_text(json.dumps({"type": "hello", **server.info()}))
+            await conn._send(ws.send_text(json.dumps({"type": "hello", **server.info()})))
             await conn.run(model, steps)
+        except ClientStalled as err:
+            # Its pages return first; the close frame may never get through a full socket,
+            # so it is tried only briefly (and the error message not at all).
+            log.info("closing a client that stopped reading: %s", err.reason)
+            with contextlib.suppress(Exception):
+                await conn.close()
+            await _refuse(ws, err.code, err.kind, err.reason, min(1.0, timeout), explain=False)
         except BadMessage as err:
-            await _refuse(ws, err.code, "bad_message", err.reason)
+            await _refuse(ws, err.code, err.kind, err.reason, timeout)
         except CrcmError as err:  # e.g. PagesExhaustedError from open
-            await _refuse(ws, CLOSE_TRY_LATER, "runtime", str(err))
+            await _refuse(ws, CLOSE_TRY_LATER, "runtime", str(err), timeout)
         except (WebSocketDisconnect, OSError, RuntimeError) as err:
             log.debug("websocket ended: %r", err)  # the client went away mid-send
+        except Exception as err:
+            # A failure inside the server, never a client's input: one line in the log (no
+            # traceback), a close code for the client, and the session's pages back.
+            log.error("a session ended by an internal error: %s: %s", type(err).__name__, err)
+            await _refuse(ws, CLOSE_INTERNAL, "internal", "internal server error", timeout)
         finally:
-            await conn.close()
-            server.active -= 1
+            try:  # its pages return before its seat does (when the server is shutting down,
+                # stop() closes every session)
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            finally:
+                server.active -= 1
 
     # A plain Starlette route: the handler reads its own query parameters, and FastAPI's
     # parameter injection (which would need the annotation resolvable at module level) is moot.
     app.router.add_websocket_route("/ws", play)
-    return app
+    return HostCheck(app, server.config.allowed_hosts)
 
 
-async def _refuse(ws, code: int, kind: str, message: str) -> None:
-    """Tells the client why (a JSON error), then closes with ``code``; the client may be gone."""
+class HostCheck:
+    """ASGI middleware: refuses requests whose ``Host`` header names neither the address the
+    connection came in on (the bound address) nor localhost nor an allowed name.
+
+    A page on another site whose DNS name is made to resolve to 127.0.0.1 (DNS rebinding) is
+    same-origin with its own name, so the ``Origin`` check alone would let it in; its requests
+    still carry ``Host: <its name>``, which is refused here: HTTP gets 400, a websocket
+    handshake 403 (before any session is opened).
+    """
+
+    def __init__(self, app: Any, allowed: Sequence[str] = ()) -> None:
+        self.app = app
+        self.allowed = {h.lower().strip("[]") for h in (*LOOPBACK_NAMES, *allowed)}
+
+    def __getattr__(self, name: str) -> Any:  # app.state, app.router, ... of the wrapped app
+        return getattr(self.app, name)
+
+    def host_ok(self, scope: dict[str, Any]) -> bool:
+        host = next((v for k, v in scope.get("headers", ()) if k == b"host"), None)
+        if host is None:
+            return False
+        try:
+            parts = urlsplit("//" + host.decode("latin-1"))
+            name, _ = parts.hostname, parts.port  # .port raises ValueError when malformed
+        except ValueError:
+            return False
+        if not name:
+            return False
+        bound = (scope.get("server") or (None,))[0]
+        if bound is not None and _same_address(name, str(bound)):
+            return True
+        return name.lower() in self.allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket") or self.host_ok(scope):
+            await self.app(scope, receive, send)
+            return
+        log.info("refused a request for another host (DNS rebinding?)")
+        if scope["type"] == "http":
+            body = b"invalid Host header: this server answers to its own address and localhost"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        else:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": CLOSE_POLICY})  # HTTP 403
+
+
+def _same_address(name: str, bound: str) -> bool:
+    try:
+        return ipaddress.ip_address(name.strip("[]")) == ipaddress.ip_address(bound)
+    except ValueError:
+        return name.lower() == bound.lower()
+
+
+def _close_reason(message: str) -> str:
+    """``message`` cut to a close frame's 123 bytes of UTF-8 (a longer reason would make the
+    close itself fail, dropping the connection without a close code)."""
+    data = message.encode("utf-8", "replace")[: MAX_REASON_BYTES - 3]
+    return data.decode("utf-8", "ignore")
+
+
+async def _within(coro, timeout: float) -> bool:
+    """Awaits ``coro`` for at most ``timeout`` s; False (and ``coro`` cancelled) if it took
+    longer; its exception, if it raised one. Not ``asyncio.wait_for``: on Python 3.11 that
+    returns normally when a cancellation arrives just as ``coro`` finishes, and a task looping
+    on it (the sender) would outlive its session's close."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():
+            task.cancel()
+            # It may still end with an error (the client went away meanwhile): retrieve it,
+            # or asyncio logs "Task exception was never retrieved".
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if not done:
+        return False
+    task.result()
+    return True
+
+
+async def _refuse(
+    ws, code: int, kind: str, message: str, timeout: float = 10.0, explain: bool = True
+) -> None:
+    """Tells the client why (a JSON error, with ``explain``), then closes with ``code``; the
+    client may be gone, or not reading (each step is bounded by ``timeout``)."""
+    if explain:
+        error = json.dumps({"type": "error", "code": kind, "message": message[:500]})
+        with contextlib.suppress(Exception):
+            await _within(ws.send_text(error), timeout)
     with contextlib.suppress(Exception):
-        await ws.send_text(json.dumps({"type": "error", "code": kind, "message": message}))
-        await ws.close(code=code, reason=message[:120])
+        await _within(ws.close(code=code, reason=_close_reason(message)), timeout)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -593,9 +794,13 @@ def uvicorn_server(app: Any, config: ServeConfig, log_level: str = "warning") ->
         uvicorn.Config(
             app,
             log_level=log_level,
-            ws_max_size=config.max_message_bytes,  # larger client messages close with 1009
-            ws_ping_interval=10.0,  # a vanished client is noticed, and its pages freed
-            ws_ping_timeout=20.0,
+            # The app refuses messages over max_message_bytes with 1009 and a closing
+            # handshake. The websocket layer's own limit, which fails the connection at once
+            # (a client still sending may then miss the close frame), only bounds memory.
+            ws_max_size=max(64 * config.max_message_bytes, 2**16),
+            # A vanished client, or one that stopped reading, is noticed and its pages freed.
+            ws_ping_interval=config.ping_interval,
+            ws_ping_timeout=config.ping_timeout,
             timeout_graceful_shutdown=3,
         )
     )

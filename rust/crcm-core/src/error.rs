@@ -61,6 +61,10 @@ pub enum Error {
     /// The frame buffer was closed.
     #[error("frame buffer is closed")]
     Closed,
+
+    /// A blocking frame-buffer call was interrupted by its caller's check (e.g. Ctrl+C).
+    #[error("interrupted while waiting")]
+    Interrupted,
 }
 
 /// Result alias of the runtime core.

@@ -17,6 +17,13 @@ use crate::error::{Error, Result};
 /// Pacing bounds: one frame per ~11.6 days at the slowest, one per microsecond at the fastest.
 pub const MIN_FPS: f64 = 1e-6;
 pub const MAX_FPS: f64 = 1e6;
+/// Largest frame: 1 GiB (an 8K RGBA frame is 133 MB). A larger shape is a mistake, and its
+/// first push would try to allocate it.
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+/// Most frames a buffer may hold (a ring this long is minutes of video at any frame rate).
+pub const MAX_CAPACITY: usize = 1 << 20;
+/// A blocked push or pop calls its `keep_waiting` check at least this often (for Ctrl+C).
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What a full buffer does with a new frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,6 +64,21 @@ impl FrameBufferConfig {
                 "frame buffer needs a positive capacity and frame shape, got capacity {} and \
                  {}x{}x{}",
                 self.capacity, self.height, self.width, self.channels
+            )));
+        }
+        if self.frame_bytes() > MAX_FRAME_BYTES {
+            return Err(Error::InvalidConfig(format!(
+                "a frame of {}x{}x{} = {} bytes is over the limit of {MAX_FRAME_BYTES} bytes",
+                self.height,
+                self.width,
+                self.channels,
+                self.frame_bytes()
+            )));
+        }
+        if self.capacity > MAX_CAPACITY {
+            return Err(Error::InvalidConfig(format!(
+                "capacity {} is over the limit of {MAX_CAPACITY} frames",
+                self.capacity
             )));
         }
         if let Some(fps) = self.target_fps {
@@ -129,6 +151,19 @@ impl FrameBuffer {
 
     /// Adds a frame. With `Block`, waits up to `timeout` for room (`None`: forever).
     pub fn push(&self, frame: Frame, timeout: Option<Duration>) -> Result<()> {
+        self.push_interruptible(frame, timeout, || true)
+    }
+
+    /// [`push`](Self::push) that, while it waits for room, calls `keep_waiting` (without the
+    /// buffer's lock held) at least every [`CHECK_INTERVAL`]; when it returns `false` the push
+    /// gives up with [`Error::Interrupted`] and the frame is not added. (The Python binding
+    /// checks for Ctrl+C there.)
+    pub fn push_interruptible(
+        &self,
+        frame: Frame,
+        timeout: Option<Duration>,
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<()> {
         let expected = self.config.frame_bytes();
         if frame.data.len() != expected {
             let c = &self.config;
@@ -138,7 +173,8 @@ impl FrameBuffer {
                 shape: format!("{}x{}x{}", c.height, c.width, c.channels),
             });
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = deadline_of(timeout);
+        let mut last_check = Instant::now();
         let mut state = self.lock();
         loop {
             if state.closed {
@@ -154,7 +190,15 @@ impl FrameBuffer {
                 }
                 Backpressure::Block => {
                     check_deadline(deadline, timeout)?;
-                    state = self.wait_until(state, deadline);
+                    state = self.wait_until(state, Some(slice_end(deadline, last_check)));
+                    if last_check.elapsed() >= CHECK_INTERVAL {
+                        drop(state);
+                        if !keep_waiting() {
+                            return Err(Error::Interrupted);
+                        }
+                        last_check = Instant::now();
+                        state = self.lock();
+                    }
                 }
             }
         }
@@ -197,7 +241,19 @@ impl FrameBuffer {
     /// that fell behind by more than a frame period restarts the clock instead of bursting.
     /// Returns `Ok(None)` when the buffer is closed and empty.
     pub fn pop(&self, timeout: Option<Duration>) -> Result<Option<Frame>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        self.pop_interruptible(timeout, || true)
+    }
+
+    /// [`pop`](Self::pop) that, while it waits, calls `keep_waiting` (without the buffer's
+    /// lock held) at least every [`CHECK_INTERVAL`]; when it returns `false` the pop gives up
+    /// with [`Error::Interrupted`] and no frame is taken.
+    pub fn pop_interruptible(
+        &self,
+        timeout: Option<Duration>,
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<Option<Frame>> {
+        let deadline = deadline_of(timeout);
+        let mut last_check = Instant::now();
         let mut state = self.lock();
         loop {
             let now = Instant::now();
@@ -213,11 +269,16 @@ impl FrameBuffer {
                 }
             };
             check_deadline(deadline, timeout)?;
-            let until = match (wake, deadline) {
-                (Some(w), Some(d)) => Some(w.min(d)),
-                (w, d) => w.or(d),
-            };
-            state = self.wait_until(state, until);
+            let until = slice_end(deadline, last_check);
+            state = self.wait_until(state, Some(wake.map_or(until, |w| w.min(until))));
+            if last_check.elapsed() >= CHECK_INTERVAL {
+                drop(state);
+                if !keep_waiting() {
+                    return Err(Error::Interrupted);
+                }
+                last_check = Instant::now();
+                state = self.lock();
+            }
         }
         let frame = state.ring.pop_front().expect("checked non-empty");
         state.stats.popped += 1;
@@ -256,6 +317,18 @@ impl FrameBuffer {
         let state = self.lock();
         FrameBufferStats { len: state.ring.len(), ..state.stats }
     }
+}
+
+/// When a wait of `timeout` ends (`None`: never; a timeout past what `Instant` can hold is
+/// "never" too).
+fn deadline_of(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// The end of one slice of a wait: the deadline, or the next `keep_waiting` check.
+fn slice_end(deadline: Option<Instant>, last_check: Instant) -> Instant {
+    let check = last_check + CHECK_INTERVAL;
+    deadline.map_or(check, |d| d.min(check))
 }
 
 fn check_deadline(deadline: Option<Instant>, timeout: Option<Duration>) -> Result<()> {

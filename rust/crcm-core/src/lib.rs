@@ -15,11 +15,14 @@ pub type PageId = u32;
 pub type StreamId = u64;
 
 pub use error::{Error, Result};
-pub use frames::{Backpressure, Frame, FrameBuffer, FrameBufferConfig, FrameBufferStats};
+pub use frames::{
+    Backpressure, Frame, FrameBuffer, FrameBufferConfig, FrameBufferStats, MAX_CAPACITY,
+    MAX_FRAME_BYTES,
+};
 pub use pages::{
     FramePageIds, FramePages, PagePool, PoolConfig, PoolStats, Retention, StreamPageStats,
 };
 pub use scheduler::{
     Admission, ItemKind, Phase, Plan, Scheduler, SchedulerConfig, SchedulerStats, StreamConfig,
-    StreamStats,
+    StreamStats, MAX_PENDING_ACTIONS,
 };

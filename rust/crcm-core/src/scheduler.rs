@@ -24,6 +24,10 @@ use crate::error::{Error, Result};
 use crate::pages::{PagePool, PoolConfig, Retention};
 use crate::StreamId;
 
+/// Most actions a stream may have waiting for their frames (128 MiB of `i64`s): a caller
+/// that pushes more is refused instead of growing the queue until an allocation fails.
+pub const MAX_PENDING_ACTIONS: usize = 1 << 24;
+
 /// Limits of one batched forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
@@ -458,6 +462,13 @@ impl Scheduler {
         }
         if stream.phase == Phase::Finished {
             return Err(invalid(id, "take actions", stream.phase));
+        }
+        let pending = stream.actions.len().saturating_add(actions.len());
+        if pending > MAX_PENDING_ACTIONS {
+            return Err(Error::InvalidConfig(format!(
+                "stream {id} would have {pending} pending actions, over the limit of \
+                 {MAX_PENDING_ACTIONS}"
+            )));
         }
         stream.actions.extend(actions.iter().copied());
         Ok(())

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crcm_core::{Backpressure, Error, Frame, FrameBuffer, FrameBufferConfig};
+use crcm_core::{
+    Backpressure, Error, Frame, FrameBuffer, FrameBufferConfig, MAX_CAPACITY, MAX_FRAME_BYTES,
+};
 use proptest::prelude::*;
 
 const LONG: Option<Duration> = Some(Duration::from_secs(10));
@@ -47,6 +49,58 @@ fn invalid_configs_are_refused() {
         assert!(matches!(FrameBuffer::new(bad), Err(Error::InvalidConfig(_))), "{bad:?}");
     }
     assert_eq!(ok.frame_bytes(), 18);
+}
+
+#[test]
+fn sizes_past_the_limits_are_refused_before_any_allocation() {
+    let ok = config(4, Backpressure::Block, None);
+    let side = (MAX_FRAME_BYTES as f64).sqrt() as usize + 1;
+    for bad in [
+        // 3 TB frames: their first push would try to allocate them.
+        FrameBufferConfig { height: 1_000_000, width: 1_000_000, channels: 3, ..ok },
+        FrameBufferConfig { height: side, width: side, channels: 1, ..ok },
+        FrameBufferConfig { height: usize::MAX, width: 2, channels: 1, ..ok },
+        FrameBufferConfig { capacity: MAX_CAPACITY + 1, ..ok },
+        FrameBufferConfig { capacity: usize::MAX, ..ok },
+    ] {
+        let err = FrameBuffer::new(bad).unwrap_err();
+        assert!(err.to_string().contains("limit") || err.to_string().contains("too large"));
+    }
+    let at_limit = FrameBufferConfig { height: 1 << 15, width: 1 << 15, channels: 1, ..ok };
+    assert_eq!(at_limit.frame_bytes(), MAX_FRAME_BYTES);
+    FrameBuffer::new(at_limit).unwrap(); // nothing is allocated until a push
+    FrameBuffer::new(FrameBufferConfig { capacity: MAX_CAPACITY, ..ok }).unwrap();
+}
+
+#[test]
+fn keep_waiting_false_interrupts_blocked_waits() {
+    // The binding checks for Ctrl+C in `keep_waiting`; a wait without a timeout must call it.
+    let buf = buffer(1, Backpressure::Block, None);
+    let mut calls = 0;
+    let t0 = Instant::now();
+    let err = buf
+        .pop_interruptible(None, || {
+            calls += 1;
+            calls < 3
+        })
+        .unwrap_err();
+    assert_eq!(err, Error::Interrupted);
+    assert_eq!(calls, 3);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    buf.push(frame(0), None).unwrap();
+    let err = buf.push_interruptible(frame(1), None, || false).unwrap_err();
+    assert_eq!(err, Error::Interrupted);
+    // The interrupted frame was not added.
+    assert_eq!(buf.stats().pushed, 1);
+    // A wait that gets what it waits for never needs the check.
+    assert_eq!(buf.pop_interruptible(None, || false).unwrap().unwrap().index, 0);
+    // A paced pop waiting for its frame's turn is interruptible too.
+    let paced = buffer(2, Backpressure::Block, Some(1e-3));
+    paced.push(frame(0), None).unwrap();
+    paced.push(frame(1), None).unwrap();
+    assert_eq!(paced.pop(None).unwrap().unwrap().index, 0);
+    assert_eq!(paced.pop_interruptible(LONG, || false).unwrap_err(), Error::Interrupted);
+    assert_eq!(paced.len(), 1);
 }
 
 #[test]

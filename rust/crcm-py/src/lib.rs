@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use crcm_core as rt;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyType};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyString, PyType};
 
 mod errors {
     use super::*;
@@ -37,6 +37,8 @@ mod errors {
             FrameShape { .. } => "FrameShapeError",
             Timeout(_) => "FrameTimeoutError",
             Closed => "BufferClosedError",
+            // The binding raises the interrupting exception (KeyboardInterrupt) itself.
+            Interrupted => "CrcmError",
         }
     }
 
@@ -69,6 +71,183 @@ impl<T> IntoPyResult<T> for rt::Result<T> {
 
 fn config_error(py: Python<'_>, msg: String) -> PyErr {
     errors::to_py(py, rt::Error::InvalidConfig(msg))
+}
+
+mod args {
+    //! Argument conversion with messages that name the argument and its valid range: PyO3's
+    //! own say "out of range integral type conversion attempted" with the name only in a note.
+    //! Integers are anything with `__index__` except bool (so NumPy integers too); numbers are
+    //! anything `float()` takes except bool. Out-of-range integers raise `OverflowError`,
+    //! wrong types `TypeError`, as PyO3's conversions do.
+    use std::fmt::Display;
+
+    use super::*;
+
+    pub trait Int: Sized + TryFrom<i128> {
+        const MIN: i128;
+        const MAX: i128;
+    }
+
+    macro_rules! int_bounds {
+        ($($t:ty),*) => { $(impl Int for $t {
+            const MIN: i128 = <$t>::MIN as i128;
+            const MAX: i128 = <$t>::MAX as i128;
+        })* };
+    }
+    int_bounds!(u32, u64, usize, i64);
+
+    fn type_name(obj: &Bound<'_, PyAny>) -> String {
+        obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+    }
+
+    fn shown(obj: &Bound<'_, PyAny>) -> String {
+        let text = obj.repr().map(|r| r.to_string()).unwrap_or_else(|_| "?".into());
+        match text.char_indices().nth(40) {
+            Some((i, _)) => format!("{}...", &text[..i]),
+            None => text,
+        }
+    }
+
+    pub fn int<T: Int>(obj: &Bound<'_, PyAny>, name: impl Display) -> PyResult<T> {
+        let py = obj.py();
+        let range = || {
+            PyOverflowError::new_err(format!(
+                "{name} must be an integer in [{}, {}], got {}",
+                T::MIN,
+                T::MAX,
+                shown(obj)
+            ))
+        };
+        if obj.is_instance_of::<PyBool>() {
+            return Err(PyTypeError::new_err(format!("{name} must be an integer, got bool")));
+        }
+        match obj.extract::<i128>() {
+            Ok(v) => T::try_from(v).map_err(|_| range()),
+            Err(e) if e.is_instance_of::<PyOverflowError>(py) => Err(range()),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{name} must be an integer, got {}",
+                type_name(obj)
+            ))),
+        }
+    }
+
+    pub fn float(obj: &Bound<'_, PyAny>, name: impl Display) -> PyResult<f64> {
+        if obj.is_instance_of::<PyBool>() {
+            return Err(PyTypeError::new_err(format!("{name} must be a number, got bool")));
+        }
+        obj.extract::<f64>().map_err(|e| {
+            if e.is_instance_of::<PyOverflowError>(obj.py()) {
+                PyOverflowError::new_err(format!(
+                    "{name} must be a finite number, got {}",
+                    shown(obj)
+                ))
+            } else {
+                PyTypeError::new_err(format!("{name} must be a number, got {}", type_name(obj)))
+            }
+        })
+    }
+
+    /// The items of a sequence (not a string), each converted by `item`, into a vector whose
+    /// growth is checked (a failed allocation is a `MemoryError`, never an abort).
+    pub fn list<T>(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        what: &str,
+        item: impl Fn(&Bound<'_, PyAny>, String) -> PyResult<T>,
+    ) -> PyResult<Vec<T>> {
+        let not_a_list = || {
+            PyTypeError::new_err(format!(
+                "{name} must be a sequence of {what}, got {}",
+                type_name(obj)
+            ))
+        };
+        if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+            return Err(not_a_list());
+        }
+        let iter = obj.try_iter().map_err(|_| not_a_list())?;
+        let mut out = Vec::new();
+        for (i, element) in iter.enumerate() {
+            let value = item(&element?, format!("{name}[{i}]"))?;
+            out.try_reserve(1).map_err(|_| {
+                PyMemoryError::new_err(format!("{name} is too long ({i} items) to copy"))
+            })?;
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    pub fn opt<T>(
+        obj: &Bound<'_, PyAny>,
+        convert: impl Fn(&Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> PyResult<Option<T>> {
+        if obj.is_none() {
+            Ok(None)
+        } else {
+            convert(obj).map(Some)
+        }
+    }
+
+    /// One converter per argument name, for `#[pyo3(from_py_with = ...)]`.
+    macro_rules! converters {
+        ($($f:ident: $t:ty = $conv:ident($name:literal);)*) => {
+            $(pub fn $f(obj: &Bound<'_, PyAny>) -> PyResult<$t> { converters!(@ $conv obj $name) })*
+        };
+        (@ u32 $obj:ident $name:literal) => { int::<u32>($obj, $name) };
+        (@ u64 $obj:ident $name:literal) => { int::<u64>($obj, $name) };
+        (@ usize $obj:ident $name:literal) => { int::<usize>($obj, $name) };
+        (@ opt_u32 $obj:ident $name:literal) => { opt($obj, |o| int::<u32>(o, $name)) };
+        (@ opt_u64 $obj:ident $name:literal) => { opt($obj, |o| int::<u64>(o, $name)) };
+        (@ opt_f64 $obj:ident $name:literal) => { opt($obj, |o| float(o, $name)) };
+        (@ u32s $obj:ident $name:literal) => {
+            list($obj, $name, "integers", |o, n| int::<u32>(o, n))
+        };
+        (@ i64s $obj:ident $name:literal) => {
+            list($obj, $name, "integers", |o, n| int::<i64>(o, n))
+        };
+        (@ f32s $obj:ident $name:literal) => {
+            list($obj, $name, "numbers", |o, n| float(o, n).map(|v| v as f32))
+        };
+    }
+
+    converters! {
+        num_pages: u32 = u32("num_pages");
+        page_tokens: u32 = u32("page_tokens");
+        tokens_per_frame: u32 = u32("tokens_per_frame");
+        max_batch_tokens: u32 = u32("max_batch_tokens");
+        max_batch_items: u32 = u32("max_batch_items");
+        stream_id: u64 = u64("stream_id");
+        src: u64 = u64("src");
+        dst: u64 = u64("dst");
+        plan_id: u64 = u64("plan_id");
+        chunk_frames: u32 = u32("chunk_frames");
+        sink_frames: u32 = u32("sink_frames");
+        window_frames: Option<u32> = opt_u32("window_frames");
+        max_frames: Option<u64> = opt_u64("max_frames");
+        steps_per_chunk: Vec<u32> = u32s("steps_per_chunk");
+        times: Vec<f32> = f32s("times");
+        actions: Vec<i64> = i64s("actions");
+        target_fps: Option<f64> = opt_f64("target_fps");
+        now: Option<f64> = opt_f64("now");
+        timestamp: Option<f64> = opt_f64("timestamp");
+        timeout: Option<f64> = opt_f64("timeout");
+        height: usize = usize("height");
+        width: usize = usize("width");
+        channels: usize = usize("channels");
+        capacity: usize = usize("capacity");
+        index: u64 = u64("index");
+    }
+}
+
+/// `keep_waiting` of an interruptible wait: takes the GIL for a moment and runs Python's
+/// signal handlers; an exception they raise (KeyboardInterrupt) ends the wait and is kept.
+fn signals_ok(raised: &mut Option<PyErr>) -> bool {
+    Python::attach(|py| match py.check_signals() {
+        Ok(()) => true,
+        Err(err) => {
+            *raised = Some(err);
+            false
+        }
+    })
 }
 
 /// Seconds on a monotonic clock shared by every object of this module, so that callers may mix
@@ -185,11 +364,11 @@ impl Scheduler {
     #[pyo3(signature = (*, num_pages, page_tokens, tokens_per_frame, max_batch_tokens, max_batch_items=256))]
     fn new(
         py: Python<'_>,
-        num_pages: u32,
-        page_tokens: u32,
-        tokens_per_frame: u32,
-        max_batch_tokens: u32,
-        max_batch_items: u32,
+        #[pyo3(from_py_with = args::num_pages)] num_pages: u32,
+        #[pyo3(from_py_with = args::page_tokens)] page_tokens: u32,
+        #[pyo3(from_py_with = args::tokens_per_frame)] tokens_per_frame: u32,
+        #[pyo3(from_py_with = args::max_batch_tokens)] max_batch_tokens: u32,
+        #[pyo3(from_py_with = args::max_batch_items)] max_batch_items: u32,
     ) -> PyResult<Self> {
         let config = rt::SchedulerConfig {
             pool: rt::PoolConfig { num_pages, page_tokens, tokens_per_frame },
@@ -207,15 +386,15 @@ impl Scheduler {
     fn open(
         &self,
         py: Python<'_>,
-        stream_id: u64,
-        chunk_frames: u32,
-        steps_per_chunk: Vec<u32>,
-        times: Vec<f32>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+        #[pyo3(from_py_with = args::chunk_frames)] chunk_frames: u32,
+        #[pyo3(from_py_with = args::steps_per_chunk)] steps_per_chunk: Vec<u32>,
+        #[pyo3(from_py_with = args::times)] times: Vec<f32>,
         cache_update: bool,
-        sink_frames: u32,
-        window_frames: Option<u32>,
-        max_frames: Option<u64>,
-        target_fps: Option<f64>,
+        #[pyo3(from_py_with = args::sink_frames)] sink_frames: u32,
+        #[pyo3(from_py_with = args::window_frames)] window_frames: Option<u32>,
+        #[pyo3(from_py_with = args::max_frames)] max_frames: Option<u64>,
+        #[pyo3(from_py_with = args::target_fps)] target_fps: Option<f64>,
         needs_actions: bool,
         admission: &str,
     ) -> PyResult<&'static str> {
@@ -243,11 +422,21 @@ impl Scheduler {
         self.lock().open(stream_id, config).map(phase_name).py_err(py)
     }
 
-    fn fork(&self, py: Python<'_>, src: u64, dst: u64) -> PyResult<()> {
+    fn fork(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::src)] src: u64,
+        #[pyo3(from_py_with = args::dst)] dst: u64,
+    ) -> PyResult<()> {
         self.lock().fork(src, dst).py_err(py)
     }
 
-    fn push_actions(&self, py: Python<'_>, stream_id: u64, actions: Vec<i64>) -> PyResult<()> {
+    fn push_actions(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+        #[pyo3(from_py_with = args::actions)] actions: Vec<i64>,
+    ) -> PyResult<()> {
         if let Some(a) = actions.iter().find(|&&a| a < 0) {
             return Err(config_error(py, format!("actions must be >= 0, got {a}")));
         }
@@ -255,17 +444,30 @@ impl Scheduler {
     }
 
     /// A paused stream finishes its current chunk but starts no new one (backpressure).
-    fn set_paused(&self, py: Python<'_>, stream_id: u64, paused: bool) -> PyResult<()> {
+    fn set_paused(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+        paused: bool,
+    ) -> PyResult<()> {
         self.lock().set_paused(stream_id, paused).py_err(py)
     }
 
-    fn close(&self, py: Python<'_>, stream_id: u64) -> PyResult<()> {
+    fn close(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+    ) -> PyResult<()> {
         self.lock().close(stream_id).py_err(py)
     }
 
     /// The next plan, or None when no stream is ready. `now`: seconds on `monotonic()`'s clock.
     #[pyo3(signature = (now=None))]
-    fn tick(&self, py: Python<'_>, now: Option<f64>) -> PyResult<Option<Plan>> {
+    fn tick(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::now)] now: Option<f64>,
+    ) -> PyResult<Option<Plan>> {
         let now = now.unwrap_or_else(monotonic);
         if !now.is_finite() {
             return Err(config_error(py, format!("now must be finite, got {now}")));
@@ -275,7 +477,12 @@ impl Scheduler {
     }
 
     #[pyo3(signature = (plan_id, now=None))]
-    fn complete(&self, py: Python<'_>, plan_id: u64, now: Option<f64>) -> PyResult<()> {
+    fn complete(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::plan_id)] plan_id: u64,
+        #[pyo3(from_py_with = args::now)] now: Option<f64>,
+    ) -> PyResult<()> {
         let now = now.unwrap_or_else(monotonic);
         if !now.is_finite() {
             return Err(config_error(py, format!("now must be finite, got {now}")));
@@ -283,11 +490,19 @@ impl Scheduler {
         self.lock().complete(plan_id, now).py_err(py)
     }
 
-    fn fail(&self, py: Python<'_>, plan_id: u64) -> PyResult<()> {
+    fn fail(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::plan_id)] plan_id: u64,
+    ) -> PyResult<()> {
         self.lock().fail(plan_id).py_err(py)
     }
 
-    fn phase(&self, py: Python<'_>, stream_id: u64) -> PyResult<&'static str> {
+    fn phase(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+    ) -> PyResult<&'static str> {
         self.lock().phase(stream_id).map(phase_name).py_err(py)
     }
 
@@ -295,7 +510,11 @@ impl Scheduler {
         self.lock().stream_ids()
     }
 
-    fn stream_stats<'py>(&self, py: Python<'py>, stream_id: u64) -> PyResult<Bound<'py, PyDict>> {
+    fn stream_stats<'py>(
+        &self,
+        py: Python<'py>,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let (s, pages) = {
             let sched = self.lock();
             let s = sched.stream_stats(stream_id).py_err(py)?;
@@ -336,7 +555,7 @@ impl Scheduler {
     fn page_table<'py>(
         &self,
         py: Python<'py>,
-        stream_id: u64,
+        #[pyo3(from_py_with = args::stream_id)] stream_id: u64,
     ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyAny>)> {
         let (frames, pages, ppf) = {
             let sched = self.lock();
@@ -393,11 +612,11 @@ impl FrameBuffer {
     #[pyo3(signature = (height, width, channels=3, *, capacity=8, target_fps=None, backpressure="block"))]
     fn new(
         py: Python<'_>,
-        height: usize,
-        width: usize,
-        channels: usize,
-        capacity: usize,
-        target_fps: Option<f64>,
+        #[pyo3(from_py_with = args::height)] height: usize,
+        #[pyo3(from_py_with = args::width)] width: usize,
+        #[pyo3(from_py_with = args::channels)] channels: usize,
+        #[pyo3(from_py_with = args::capacity)] capacity: usize,
+        #[pyo3(from_py_with = args::target_fps)] target_fps: Option<f64>,
         backpressure: &str,
     ) -> PyResult<Self> {
         let backpressure = match backpressure {
@@ -415,15 +634,16 @@ impl FrameBuffer {
         Ok(Self { inner: rt::FrameBuffer::new(config).py_err(py)? })
     }
 
-    /// Adds a `uint8 [height, width, channels]` frame (copied once into the ring).
+    /// Adds a `uint8 [height, width, channels]` frame (copied once into the ring). A blocked
+    /// push waits with the GIL released and checks for signals (Ctrl+C) while it waits.
     #[pyo3(signature = (frame, index, timestamp=None, timeout=None))]
     fn push(
         &self,
         py: Python<'_>,
         frame: &Bound<'_, PyAny>,
-        index: u64,
-        timestamp: Option<f64>,
-        timeout: Option<f64>,
+        #[pyo3(from_py_with = args::index)] index: u64,
+        #[pyo3(from_py_with = args::timestamp)] timestamp: Option<f64>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
     ) -> PyResult<()> {
         let array: PyReadonlyArrayDyn<'_, u8> = frame.extract().map_err(|_| {
             PyTypeError::new_err(format!(
@@ -437,26 +657,45 @@ impl FrameBuffer {
             let msg = format!("frame must have shape {expected:?}, got {:?}", array.shape());
             return Err(errors::new_err(py, "FrameShapeError", msg));
         }
-        let data = match array.as_slice() {
-            Ok(s) if array.is_c_contiguous() => s.to_vec(), // as_slice also takes F order
-            _ => array.as_array().iter().copied().collect(), // non-contiguous input
-        };
         let timeout = timeout_from(py, timeout)?;
+        // The shape is the buffer's, so at most MAX_FRAME_BYTES; the allocation is still
+        // checked, so that a failure is a MemoryError and never an abort of the process.
+        let mut data = Vec::new();
+        data.try_reserve_exact(array.len()).map_err(|_| {
+            PyMemoryError::new_err(format!("cannot allocate {} bytes for a frame", array.len()))
+        })?;
+        match array.as_slice() {
+            // as_slice also takes F order, which must be copied element by element.
+            Ok(s) if array.is_c_contiguous() => data.extend_from_slice(s),
+            _ => data.extend(array.as_array().iter().copied()),
+        }
         let frame = rt::Frame { data, index, timestamp: timestamp.unwrap_or_else(monotonic) };
-        py.detach(|| self.inner.push(frame, timeout)).py_err(py)
+        let mut raised = None;
+        let result =
+            py.detach(|| self.inner.push_interruptible(frame, timeout, || signals_ok(&mut raised)));
+        match raised {
+            Some(err) => Err(err),
+            None => result.py_err(py),
+        }
     }
 
     /// `(frame, index, timestamp)`, waiting up to `timeout` s (None: forever) and for pacing;
-    /// None when the buffer is closed and empty.
+    /// None when the buffer is closed and empty. Waits with the GIL released and checks for
+    /// signals (Ctrl+C) while it waits.
     #[pyo3(signature = (timeout=None))]
     fn pop<'py>(
         &self,
         py: Python<'py>,
-        timeout: Option<f64>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
     ) -> PyResult<Option<(Bound<'py, PyAny>, u64, f64)>> {
         let timeout = timeout_from(py, timeout)?;
-        let frame = py.detach(|| self.inner.pop(timeout)).py_err(py)?;
-        frame.map(|f| self.to_numpy(py, f)).transpose()
+        let mut raised = None;
+        let result =
+            py.detach(|| self.inner.pop_interruptible(timeout, || signals_ok(&mut raised)));
+        if let Some(err) = raised {
+            return Err(err);
+        }
+        result.py_err(py)?.map(|f| self.to_numpy(py, f)).transpose()
     }
 
     /// Like `pop` but never waits and ignores pacing.
