@@ -256,6 +256,7 @@ def plain_pytorch_fps(
         return o.transpose(1, 2)
 
     actions = None
+    history = None  # the last finished frames, for a model that reads its previous frames
     start = 0.0
     for f in range(frames + 4):
         if f == 4:  # warm-up frames are not timed
@@ -264,17 +265,28 @@ def plain_pytorch_fps(
             actions = torch.zeros(1, 1, dtype=torch.long, device=device)
         pos = torch.full((1, 1), f, device=device)
         x = torch.randn((1, 1, c, h, w), generator=gen).to(device, dtype)
+        prev = model.previous_frames(torch.zeros_like(x), history)
         for k, s in enumerate(times):
             last = k + 1 == len(times)
             write[0] = last and context == "noisy"
             s_t = torch.full((1, 1), s, device=device)
-            v = model(x, s_t, frame_pos_B_T=pos, actions_B_T=actions, attention=attn_fn)
+            v = model(
+                x,
+                s_t,
+                frame_pos_B_T=pos,
+                actions_B_T=actions,
+                attention=attn_fn,
+                prev_B_T_C_H_W=prev,
+            )
             x0 = x - s * v
             if not last:
                 x = (1 - times[k + 1]) * x0 + times[k + 1] * torch.randn(x.shape, generator=gen).to(
                     device, dtype
                 )
         pipeline.codec.decode(x0)
+        if model.cfg.prev_frames:
+            history = x0 if history is None else torch.cat([history, x0], dim=1)
+            history = history[:, -model.cfg.prev_frames :]
         if context == "clean":
             write[0] = True
             model(
@@ -283,6 +295,7 @@ def plain_pytorch_fps(
                 frame_pos_B_T=pos,
                 actions_B_T=actions,
                 attention=attn_fn,
+                prev_B_T_C_H_W=prev,
             )
     return frames / (time.perf_counter() - start)
 

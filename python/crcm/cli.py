@@ -39,6 +39,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         progress=not args.quiet,
+        check_starts=args.check_starts,
     )
     print(report.summary())
     if args.out is not None:
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="play the shipped Breakout world model with an autopilot in several streams",
         description="Streams the shipped Breakout world model in several concurrent sessions of "
         "one runtime. Each stream's autopilot reads the paddle and ball from the generated "
-        "frames and picks the next action; reports frames/s, action-to-frame latency, KV pages "
-        "and how often paddle and ball were found in the model's frames.",
+        "frames and picks the next action; reports frames/s, action-to-frame latency and KV "
+        "pages. Then plays LEFT held, RIGHT held and alternating from a few held-out emulator "
+        "states in the model and the emulator and reports whether the paddle follows the keys "
+        "(a short `crcm eval`).",
     )
     demo.add_argument("--model", default="breakout", help="model name or pipeline folder")
     demo.add_argument("--streams", type=_positive, default=4, help="concurrent streams (4)")
@@ -118,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_steps, default=(1, 2), help="sampling steps, one per stream in turn (1,2)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.add_argument(
+        "--check-starts",
+        type=int,
+        default=4,
+        help="held-out starts of the scripted-action check against the emulator (4; 0: skip)",
+    )
     demo.add_argument("--out", type=Path, help="save the frames to this .npz file")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
@@ -175,11 +184,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CrcmError, ValueError, OSError) as err:
-        print(f"crcm {args.command}: error: {err}", file=sys.stderr)
+        print(f"crcm {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"crcm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # Not a refusal of the user's input but a failure inside crcm: still one line (the
+        # traceback on request), and an exit code that tells the two apart.
+        if os.environ.get("CRCM_TRACEBACK"):
+            raise
+        print(
+            f"crcm {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+            "(set CRCM_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Literal
 __all__ = ["CONFIGS", "DiTConfig", "get_config"]
 
 CondKind = Literal["none", "text", "class"]
+Prediction = Literal["v", "x0", "x0-change"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,21 @@ class DiTConfig:
     num_classes: int = 0
     class_tokens: int = 0
     num_actions: int = 0
+    # World models: the clean frames just before each frame, concatenated on channels with the
+    # noisy frame at the patch embedding (DIAMOND's and GameNGen's frame conditioning). The KV
+    # context still carries the longer past; this gives the network the last frames aligned
+    # pixel for pixel, so "the same as before, moved by the action" is cheap to learn.
+    prev_frames: int = 0
+    # What the output head predicts. "v" (Wan's): the velocity itself. "x0": the clean frame,
+    # returned as the velocity v = (x_s − x0̂)/max(s, X0_MIN_S). In pixel space with large
+    # patches (Breakout's 8×8×3 = 192 values a token), a v-head must reproduce the input's
+    # noise value for value at high noise, which a small network does poorly (its 1-step
+    # samples stay speckled); an x0-head only has to draw the frame ("Back to Basics: Let
+    # Denoising Generative Models Denoise", Li & He 2025). "x0-change" (needs prev_frames): the
+    # head predicts the change from the last previous frame, x0̂ = prev[-1] + output, so that a
+    # fresh model (zero head) already copies the last frame and training spends itself on what
+    # moves. Either way forward() returns v.
+    prediction: Prediction = "v"
     cross_attn_norm: bool = True  # Wan's affine LayerNorm before cross-attention
     eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -75,6 +91,19 @@ class DiTConfig:
         need(self.freq_dim > 0 and self.freq_dim % 2 == 0, f"freq_dim={self.freq_dim} not even")
         need(self.cond in ("none", "text", "class"), f"cond={self.cond!r}")
         need(self.num_actions >= 0, f"num_actions={self.num_actions}")
+        need(self.prev_frames >= 0, f"prev_frames={self.prev_frames}")
+        need(
+            self.prediction in ("v", "x0", "x0-change"),
+            f'prediction must be "v", "x0" or "x0-change", got {self.prediction!r}',
+        )
+        need(
+            self.prediction != "x0-change" or self.prev_frames > 0,
+            'prediction="x0-change" needs prev_frames > 0 (the frame the change is from)',
+        )
+        need(
+            self.prev_frames == 0 or self.patch[0] == 1,
+            "prev_frames needs a temporal patch of 1 (one model frame per input frame)",
+        )
         if self.cond == "text":
             need(self.text_dim > 0 and self.text_len > 0, "cond='text' needs text_dim, text_len")
         if self.cond == "class":
@@ -86,6 +115,11 @@ class DiTConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding reads: the noisy frame and its ``prev_frames``."""
+        return self.in_channels * (1 + self.prev_frames)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -104,7 +138,7 @@ class DiTConfig:
         def linear(n_in: int, n_out: int) -> int:
             return n_in * n_out + n_out
 
-        n = self.in_channels * patch_volume * d + d  # patch_embedding (Conv3d)
+        n = self.patch_in_channels * patch_volume * d + d  # patch_embedding (Conv3d)
         n += linear(self.freq_dim, d) + linear(d, d)  # time_embedding
         n += linear(d, 6 * d)  # time_projection
         if self.cond == "text":
@@ -155,6 +189,8 @@ CONFIGS: dict[str, DiTConfig] = {
         patch=(1, 8, 8),
         cond="none",
         num_actions=4,
+        prev_frames=2,
+        prediction="x0-change",
     ),
     # Wan2.1-T2V-1.3B shapes (random weights unless loaded): 480×832 video through the Wan VAE
     # (8× spatial) → 60×104 latents → 30×52 = 1560 tokens per latent frame.

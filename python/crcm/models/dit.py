@@ -34,10 +34,14 @@ __all__ = [
     "AttnFn",
     "CausalDiT",
     "apply_rope",
+    "preceding_frames",
     "rope_cos_sin",
     "sdpa_attention",
     "sinusoidal_embedding",
 ]
+
+# The smallest RF time an x0-predicting model divides by when it returns its velocity.
+X0_MIN_S = 0.05
 
 # attn_fn(layer_idx, q_B_L_H_D, k_B_L_H_D, v_B_L_H_D) -> o_B_L_H_D; q and k are normalised and
 # rotated already. Streaming passes a paged-KV-cache attention, the JVP path an attention JVP.
@@ -47,6 +51,28 @@ Attention = Mask | AttnFn | None
 
 # ---------------------------------------------------------------------------------------------
 # Embeddings
+
+
+def preceding_frames(
+    x0_B_T_C_H_W: Tensor, k: int, history_B_K_C_H_W: Tensor | None = None
+) -> Tensor:
+    """For every frame ``t`` of a clean clip, the ``k`` clean frames before it, oldest first,
+    concatenated on channels: ``[B, T, k·C, H, W]`` (the ``prev`` input of a model with
+    ``prev_frames = k``).
+
+    Frames before the clip come from ``history_B_K_C_H_W`` (the stream's last frames, oldest
+    first; only its last ``k`` are read) and are zeros where there is no history: a stream's
+    first frame has no past, as a training clip's first frame has none.
+    """
+    B, T, C, H, W = x0_B_T_C_H_W.shape
+    pad_B_k = x0_B_T_C_H_W.new_zeros(B, k, C, H, W)
+    if history_B_K_C_H_W is not None and k:
+        have = min(k, history_B_K_C_H_W.shape[1])
+        if have:
+            pad_B_k[:, k - have :] = history_B_K_C_H_W[:, -have:].to(pad_B_k.dtype)
+    seq_B_kT = torch.cat([pad_B_k, x0_B_T_C_H_W], dim=1)
+    # Frame t reads seq[t .. t+k-1], i.e. clip frames t-k .. t-1.
+    return torch.cat([seq_B_kT[:, j : j + T] for j in range(k)], dim=2)
 
 
 def sinusoidal_embedding(dim: int, t_N: Tensor) -> Tensor:
@@ -315,7 +341,7 @@ class CausalDiT(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         patch_values = cfg.out_channels * math.prod(cfg.patch)
-        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, cfg.patch, stride=cfg.patch)
+        self.patch_embedding = nn.Conv3d(cfg.patch_in_channels, d, cfg.patch, stride=cfg.patch)
         if cfg.cond == "text":
             self.text_embedding = nn.Sequential(
                 nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
@@ -367,6 +393,15 @@ class CausalDiT(nn.Module):
         """The action id meaning "no action" (for action dropout / action CFG)."""
         return self.cfg.num_actions
 
+    def previous_frames(
+        self, x0_B_T_C_H_W: Tensor, history_B_K_C_H_W: Tensor | None = None
+    ) -> Tensor | None:
+        """The ``prev`` input for the clean clip ``x0`` (:func:`preceding_frames` with this
+        model's ``prev_frames``), or None for a model without frame conditioning. Training feeds
+        clean data here; streaming feeds the stream's own finished frames."""
+        k = self.cfg.prev_frames
+        return preceding_frames(x0_B_T_C_H_W, k, history_B_K_C_H_W) if k else None
+
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one model frame of size ``height × width`` (model space)."""
         _, ph, pw = self.cfg.patch
@@ -398,6 +433,7 @@ class CausalDiT(nn.Module):
         cond: Tensor | None = None,
         actions_B_T: Tensor | None = None,
         attention: Attention = None,
+        prev_B_T_C_H_W: Tensor | None = None,
     ) -> Tensor:
         """Predict the RF velocity ``v = ε − x0`` for every frame.
 
@@ -412,6 +448,9 @@ class CausalDiT(nn.Module):
             attention: a ``crcm.masks.Mask`` over the ``T·tokens_per_frame`` tokens, ``None``
                 for the full mask, or ``attn_fn(layer_idx, q, k, v) -> o`` (``[B, L, H, D]``,
                 q/k after RMSNorm and RoPE) — e.g. a KV-cache attention for streaming.
+            prev_B_T_C_H_W: for a model with ``prev_frames = k > 0`` (and only then), the ``k``
+                clean frames before each frame concatenated on channels, ``[B, T, k·C, H, W]``
+                (:func:`preceding_frames`); zeros where a frame has no past.
         Returns:
             ``v_B_T_C_H_W`` with ``out_channels`` channels, in ``x``'s dtype.
         With ``pt > 1``, ``s``, ``actions`` and ``frame_pos`` are read once per group of ``pt``
@@ -430,11 +469,9 @@ class CausalDiT(nn.Module):
             )
         context_B_Lc_D = self._embed_cond(cond, B, x_B_T_C_H_W.device)
 
-        # Patchify: [B, C, T, H, W] -> [B, D, T/pt, H/ph, W/pw] -> tokens ordered (frame, row, col).
-        conv_in = x_B_T_C_H_W.transpose(1, 2).to(self.patch_embedding.weight.dtype)
-        tokens_B_D_t_h_w = self.patch_embedding(conv_in)
-        grid_t, grid_h, grid_w = tokens_B_D_t_h_w.shape[2:]
-        x_B_L_D = _wide(tokens_B_D_t_h_w.flatten(2).transpose(1, 2))
+        prev_B_T_C_H_W = self._check_prev(prev_B_T_C_H_W, x_B_T_C_H_W)
+        x_B_L_D = self.patchify(x_B_T_C_H_W, prev_B_T_C_H_W)
+        grid_t, grid_h, grid_w = T // pt, H // ph, W // pw
 
         e_B_T_D, e0_B_T_6_D = self._embed_time(s_B_T, actions_B_T)
         rope = rope_cos_sin(
@@ -447,9 +484,38 @@ class CausalDiT(nn.Module):
             patches_B_L_P = self.head(x_B_L_D, e_B_T_D)
 
         # Unpatchify: patch values are ordered (pt, ph, pw, C), as Wan's head.
-        v = patches_B_L_P.reshape(B, grid_t, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
-        v = v.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
+        out = patches_B_L_P.reshape(B, grid_t, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
+        out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
+        v = self.velocity_from_output(x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W)
         return v.to(x_B_T_C_H_W.dtype)
+
+    def velocity_from_output(
+        self, x_B_T_C_H_W: Tensor, s_B_T: Tensor, out: Tensor, prev_B_T_C_H_W: Tensor | None
+    ) -> Tensor:
+        """The velocity from the head's (unpatchified) output: the output itself for a v-head,
+        ``(x_s − x0̂)/max(s, X0_MIN_S)`` for an x0-head, where ``x0̂`` is the output
+        (``"x0"``) or the last previous frame plus the output (``"x0-change"``); so that
+        ``x_s − s·v = x0̂`` wherever ``s ≥ X0_MIN_S`` (below it the clamp keeps the division
+        bounded, as at ``s = 0`` for a clean context frame, whose output nobody reads).
+        ``s_B_T`` per model frame."""
+        if self.cfg.prediction == "v":
+            return out
+        if self.cfg.prediction == "x0-change":
+            last_B_T_C_H_W = prev_B_T_C_H_W[:, :, -self.cfg.in_channels :]
+            out = out + last_B_T_C_H_W.to(out.dtype)
+        pt = self.cfg.patch[0]
+        s_B_T = s_B_T.repeat_interleave(pt, dim=1) if pt > 1 else s_B_T
+        denom = s_B_T.to(out.dtype).clamp_min(X0_MIN_S)[:, :, None, None, None]
+        return (_wide(x_B_T_C_H_W).to(out.dtype) - out) / denom
+
+    def patchify(self, x_B_T_C_H_W: Tensor, prev_B_T_C_H_W: Tensor | None) -> Tensor:
+        """Patch embedding: ``[B, T, C, H, W]`` (with the previous frames on channels) → tokens
+        ``[B, L, D]`` ordered (frame, row, column), float32."""
+        if prev_B_T_C_H_W is not None:
+            x_B_T_C_H_W = torch.cat([x_B_T_C_H_W, prev_B_T_C_H_W.to(x_B_T_C_H_W.dtype)], dim=2)
+        conv_in = x_B_T_C_H_W.transpose(1, 2).to(self.patch_embedding.weight.dtype)
+        tokens_B_D_t_h_w = self.patch_embedding(conv_in)
+        return _wide(tokens_B_D_t_h_w.flatten(2).transpose(1, 2))
 
     def _embed_time(self, s_B_T: Tensor, actions_B_T: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per-frame embedding ``e_B_T_D`` (head) and 6-way block modulation ``e0_B_T_6_D``.
@@ -505,6 +571,22 @@ class CausalDiT(nn.Module):
                 f"divisible by the patch {self.cfg.patch}"
             )
         return B, T, channels, H, W
+
+    def _check_prev(self, prev: Tensor | None, x: Tensor) -> Tensor | None:
+        k = self.cfg.prev_frames
+        if k == 0:
+            if prev is not None:
+                raise ValueError("this model takes no previous frames (prev_frames=0); pass None")
+            return None
+        B, T, C, H, W = x.shape
+        expected = (B, T, k * C, H, W)
+        if not isinstance(prev, Tensor) or not prev.is_floating_point() or prev.shape != expected:
+            raise ValueError(
+                f"this model conditions on the {k} previous frame(s): prev_B_T_C_H_W must be a "
+                f"floating {list(expected)} tensor (crcm.models.dit.preceding_frames), got "
+                f"{_describe(prev)}"
+            )
+        return prev
 
     @staticmethod
     def _check_s(s: Tensor, B: int, T: int) -> Tensor:

@@ -10,6 +10,14 @@ chunk size, and
 - applies the sampler's update (consistency re-noising or an Euler step with CFG) and, at a
   chunk's last step, decodes its frames and hands them to the stream's sink.
 
+Context prefill: a stream opened with ground-truth frames (``StreamState.context``) takes them
+as its first chunks instead of sampling them: every row of such a chunk is the given frame at
+``s = 0``, so the K/V its write pass stores is exactly the cache-update pass over those frames
+(in either cache mode), and the frames go to the sink like generated ones.
+
+Models conditioned on their previous frames (``prev_frames > 0``) get the stream's last finished
+frames (``StreamState.history``) with every row of a chunk.
+
 Streams sampled with classifier-free guidance run a second, unconditional row that reads and
 writes plane 1 of the cache (same page ids), so both branches keep their own context. The
 unconditional row drops the per-video condition, or — for models without one, such as world
@@ -47,6 +55,13 @@ class StreamState:
     sink: FrameSink
     x: torch.Tensor | None = None  # the chunk being denoised, [T, C, H, W] in model space
     x0: torch.Tensor | None = None  # the chunk's denoised frames, for the cache-update pass
+    # Ground-truth frames the stream starts from, [K, C, H, W] in model space; `context_used`
+    # of them have been taken so far.
+    context: torch.Tensor | None = None
+    context_used: int = 0
+    history: torch.Tensor | None = None  # the last finished frames, [k, C, H, W] (prev_frames)
+    prev: torch.Tensor | None = None  # the current chunk's previous frames, [T, k·C, H, W]
+    forced: bool = False  # whether the current chunk is taken from `context`
     guided: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,9 +110,12 @@ class Executor:
 
         x_rows = []
         for j, st in enumerate(states):
-            if kinds[j] == DENOISE:
-                if plan.step[items[j]] == 0:  # a new chunk starts from pure noise
-                    st.x = self._noise(st, T)
+            if kinds[j] == DENOISE and plan.step[items[j]] == 0:
+                self._start_chunk(st, T)
+            if st.forced:  # a context frame: the clean frame at s = 0, every pass
+                s_item[j] = 0.0
+                x_rows.append(st.x0)
+            elif kinds[j] == DENOISE:
                 x_rows.append(st.x)
             else:
                 x_rows.append(st.x0)
@@ -111,6 +129,9 @@ class Executor:
         pos_R_T = frame_start[:, None] + torch.arange(T, device=dev)
         actions_R_T = self._actions(plan, items, T, rows)
         cond_R = self._cond(states, rows, n_cond=len(items))
+        prev_R = None
+        if self.model.cfg.prev_frames:
+            prev_R = torch.stack([states[j].prev for j in rows])
 
         attn_fn = self._attention(plan, items[rows], planes, T)
         v_R = self.model(
@@ -120,6 +141,7 @@ class Executor:
             cond=cond_R,
             actions_B_T=actions_R_T,
             attention=attn_fn,
+            prev_B_T_C_H_W=prev_R,
         )
 
         for j, st in enumerate(states):
@@ -131,15 +153,37 @@ class Executor:
                 v = v_uncond + st.sampler.cfg_scale * (v - v_uncond)
             i = items[j]
             s, s_next = float(plan.s[i]), float(plan.s_next[i])
-            if st.sampler.kind == "euler":
+            if st.forced:
+                x0 = st.x0
+            elif st.sampler.kind == "euler":
                 x0, st.x = euler_step(st.x, v, s, s_next)
             else:
                 noise = self._noise(st, T) if s_next > 0 else torch.zeros_like(st.x)
                 x0, st.x = consistency_step(st.x, v, s, s_next, noise)
             if plan.emits_frames[i]:
                 st.x0 = x0
+                self._finish_chunk(st, x0)
                 frames = self.codec.decode(x0[None])[0]
                 st.sink(frames.cpu().numpy(), int(plan.frame_start[i]))
+
+    def _start_chunk(self, st: StreamState, T: int) -> None:
+        """A new chunk: pure noise, or the next context frames; its previous frames."""
+        st.x = self._noise(st, T)  # drawn for context chunks too: a seed's noise stays aligned
+        st.forced = st.context is not None and st.context_used < st.context.shape[0]
+        if st.forced:
+            st.x0 = st.context[st.context_used : st.context_used + T]
+            st.context_used += T
+        if self.model.cfg.prev_frames:
+            history = None if st.history is None else st.history[None]
+            st.prev = self.model.previous_frames(torch.zeros_like(st.x)[None], history)[0]
+
+    def _finish_chunk(self, st: StreamState, x0: torch.Tensor) -> None:
+        k = self.model.cfg.prev_frames
+        if k:
+            frames = x0 if st.history is None else torch.cat([st.history, x0])
+            st.history = frames[-k:]
+        if st.forced and st.context_used >= st.context.shape[0]:
+            st.context = None  # the prefill is done; free it
 
     def _noise(self, st: StreamState, T: int) -> torch.Tensor:
         # Drawn on the stream's own generator (CPU, so results do not depend on the device):

@@ -17,8 +17,11 @@ that is ready — synchronously; ``start()`` runs that loop in a background thre
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import math
+import numbers
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from crcm import _native
-from crcm.errors import ConfigError, InvalidStateError
+from crcm.errors import ConfigError, CrcmError, InvalidStateError
 from crcm.pipeline import Pipeline
 from crcm.runtime.executor import Executor, StreamState
 from crcm.runtime.kv_cache import PagedKVCache
@@ -35,6 +38,48 @@ from crcm.sampling import SamplerConfig, get_preset
 
 PAGE_TILE = 16  # pages are padded to the attention kernel's tile
 logger = logging.getLogger(__name__)
+
+# Bounds of the native runtime, checked here so that a refusal names the argument.
+MAX_PAGES = 2**24  # crcm-core's PagePool limit
+MAX_BUFFER_FRAMES = 2**20  # crcm-core's FrameBuffer MAX_CAPACITY
+MAX_PENDING_ACTIONS = 2**24  # crcm-core's Scheduler MAX_PENDING_ACTIONS (per stream)
+MIN_FPS, MAX_FPS = 1e-6, 1e6  # crcm-core's FrameBuffer pacing bounds
+BACKPRESSURES = ("block", "drop_oldest")
+ADMISSIONS = ("refuse", "queue")
+
+
+def _is_int(value: object) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_arg(name: str, value: object, low: int, high: int, high_text: str | None = None) -> int:
+    """``value`` as an int in ``[low, high)``, or a ConfigError naming the argument."""
+    if not _is_int(value) or not low <= int(value) < high:
+        raise ConfigError(
+            f"{name} must be an integer in [{low}, {high_text or high}), got {value!r}"
+        )
+    return int(value)
+
+
+def _seed_arg(name: str, seed: object) -> int | None:
+    """A noise seed in ``[0, 2**64)``: torch would wrap -1 to 2**64 - 1 (the same frames)."""
+    return None if seed is None else _int_arg(name, seed, 0, 2**64, "2**64")
+
+
+def _seconds_arg(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or float(value) < 0
+    ):
+        raise ConfigError(
+            f"{name} must be None (no limit) or a finite number of seconds >= 0, got {value!r}"
+        )
+    return float(value)
 
 
 class Session:
@@ -80,17 +125,27 @@ class Session:
             raise InvalidStateError(f"session {self.id} is closed")
 
     def push_actions(self, actions: Sequence[int | str]) -> None:
-        """Queues one action (id or name) per future frame, in order."""
+        """Queues one action (id or name) per future frame, in order. All or nothing: a
+        sequence with one bad action queues none of them."""
         self._check_open()
         if not self.needs_actions:
             raise ConfigError(f"session {self.id} was opened without actions")
-        if isinstance(actions, (str, int)):
-            raise ConfigError("push_actions takes a sequence of actions, e.g. [0] or ['left']")
-        ids = [self.runtime.pipeline.action_id(a) for a in actions]
+        if isinstance(actions, (str, bytes, numbers.Number)) or not hasattr(actions, "__iter__"):
+            raise ConfigError(
+                "push_actions takes a sequence of actions, e.g. [0] or ['left'], got "
+                f"{type(actions).__name__}"
+            )
+        ids = []
+        for a in actions:  # bounded: an endless iterator is refused, not followed forever
+            ids.append(self.runtime.pipeline.action_id(a))
+            if len(ids) > MAX_PENDING_ACTIONS:
+                raise ConfigError(f"push_actions takes at most {MAX_PENDING_ACTIONS} actions")
         self.runtime._push_actions(self.id, ids)
 
     def read(self, max_frames: int | None = None) -> list[np.ndarray]:
         """Frames generated so far (``uint8 [H, W, C]``), oldest first, without waiting."""
+        if max_frames is not None:
+            max_frames = _int_arg("max_frames", max_frames, 0, 2**63, "2**63")
         frames = []
         while max_frames is None or len(frames) < max_frames:
             item = self.buffer.try_pop()
@@ -101,8 +156,9 @@ class Session:
 
     def pop(self, timeout: float | None = None) -> tuple[np.ndarray, int, float] | None:
         """The next ``(frame, index, timestamp)``, waiting up to ``timeout`` s (paced by the
-        buffer's target FPS); None once the session is closed and drained."""
-        return self.buffer.pop(timeout)
+        buffer's target FPS; None: as long as it takes); None once the session is closed and
+        drained. Ctrl+C interrupts the wait (``KeyboardInterrupt``)."""
+        return self.buffer.pop(_seconds_arg("timeout", timeout))
 
     def frames(self) -> Iterator[np.ndarray]:
         """Every frame in order, driving the runtime when it is not running in the background.
@@ -127,7 +183,7 @@ class Session:
     def fork(self, *, seed: int | None = None) -> Session:
         """A new session continuing from this one's context (shared KV pages)."""
         self._check_open()
-        return self.runtime._fork(self, seed)
+        return self.runtime._fork(self, _seed_arg("seed", seed))
 
     def close(self) -> None:
         """Ends the session; its KV pages return to the pool. Idempotent."""
@@ -167,8 +223,11 @@ class Runtime:
         attention_backend: str = "auto",
         max_batch_tokens: int | None = None,
     ) -> None:
-        if max_streams < 1:
-            raise ConfigError(f"max_streams must be >= 1, got {max_streams}")
+        max_streams = _int_arg("max_streams", max_streams, 1, MAX_PAGES + 1)
+        if context_frames is not None:
+            context_frames = _int_arg("context_frames", context_frames, 1, MAX_PAGES + 1)
+        if max_batch_tokens is not None:
+            max_batch_tokens = _int_arg("max_batch_tokens", max_batch_tokens, 1, 2**31, "2**31")
         model = pipeline.model
         self.device = torch.device(device) if device is not None else _param_device(model)
         model.to(self.device).eval()
@@ -182,11 +241,17 @@ class Runtime:
                 raise ConfigError("the default sampler has no window; pass context_frames")
             context_frames = s.sink_frames + s.window_frames + s.chunk_frames
         num_pages = max_streams * context_frames  # one page per frame (padded to the tile)
+        if num_pages > MAX_PAGES:
+            raise ConfigError(
+                f"max_streams × context_frames = {max_streams} × {context_frames} = {num_pages} "
+                f"KV pages, over the limit of {MAX_PAGES}"
+            )
         self.scheduler = _native.Scheduler(
             num_pages=num_pages,
             page_tokens=page_tokens,
             tokens_per_frame=tokens_per_frame,
-            max_batch_tokens=max_batch_tokens or max_streams * context_frames * tokens_per_frame,
+            max_batch_tokens=max_batch_tokens
+            or min(max_streams * context_frames * tokens_per_frame, 2**31 - 1),
             max_batch_items=max_streams,
         )
         cfg_d = model.cfg
@@ -224,6 +289,8 @@ class Runtime:
         buffer_frames: int = 64,
         backpressure: str = "block",
         admission: str = "refuse",
+        context: np.ndarray | None = None,
+        context_actions: Sequence[int | str] | None = None,
     ) -> Session:
         """Opens a session.
 
@@ -239,12 +306,54 @@ class Runtime:
             target_fps: pacing of the frame buffer and the scheduler's deadlines.
             buffer_frames / backpressure: the frame buffer's capacity and what happens when it
                 is full: ``"block"`` pauses this stream's generation, ``"drop_oldest"`` drops.
+            context: ground-truth frames to start from, ``uint8 [K, H, W, C]`` (``K`` a multiple
+                of the chunk size): the stream takes them as its first ``K`` frames instead of
+                generating them — their K/V fill its cache as if it had made them, and they are
+                the first frames it emits — then continues from them.
+            context_actions: for a world model, the action before each context frame (``K``
+                of them; ``-1`` or ``"none"``: no action); pushed ahead of any later action.
         """
+        # All or nothing: every argument is checked before the scheduler admits the stream,
+        # and whatever fails after that is undone, so a refused open leaves no stream, page,
+        # session or executor state behind.
         sampler = self._sampler(sampler, steps)
         model = self.pipeline.model
-        needs_actions = bool(model.cfg.num_actions) if actions is None else actions
+        if actions is not None and not isinstance(actions, (bool, np.bool_)):
+            raise ConfigError(f"actions must be True, False or None, got {actions!r}")
+        needs_actions = bool(model.cfg.num_actions) if actions is None else bool(actions)
         if needs_actions and not model.cfg.num_actions:
-            raise ConfigError("this model takes no actions")
+            raise ConfigError("this model takes no actions (open it with actions=None or False)")
+        if model.cfg.prev_frames and sampler.chunk_frames != 1:
+            raise ConfigError(
+                "this model conditions on its previous frames and streams one frame per chunk; "
+                f"got chunk_frames={sampler.chunk_frames}"
+            )
+        if max_frames is not None:
+            max_frames = _int_arg("max_frames", max_frames, 1, 2**64, "2**64")
+        if target_fps is not None:
+            ok = not isinstance(target_fps, (bool, np.bool_)) and isinstance(
+                target_fps, numbers.Real
+            )
+            if not ok or not MIN_FPS <= float(target_fps) <= MAX_FPS:
+                raise ConfigError(
+                    f"target_fps must be None or a number of frames per second in "
+                    f"[{MIN_FPS:g}, {MAX_FPS:g}], got {target_fps!r}"
+                )
+            target_fps = float(target_fps)
+        buffer_frames = _int_arg("buffer_frames", buffer_frames, 1, MAX_BUFFER_FRAMES + 1)
+        if not isinstance(backpressure, str) or backpressure not in BACKPRESSURES:
+            raise ConfigError(
+                f"backpressure must be 'block' or 'drop_oldest', got {backpressure!r}"
+            )
+        if backpressure == "block" and buffer_frames < sampler.chunk_frames:
+            raise ConfigError(
+                f"buffer_frames={buffer_frames} cannot hold one chunk of {sampler.chunk_frames} "
+                "frames: with backpressure='block' the stream would wait forever"
+            )
+        if not isinstance(admission, str) or admission not in ADMISSIONS:
+            raise ConfigError(f"admission must be 'refuse' or 'queue', got {admission!r}")
+        seed = _seed_arg("seed", seed)
+        context_x, context_ids = self._context(context, context_actions, sampler, needs_actions)
         cond_row = self._cond_row(cond)
         guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
         if guided and self.cache.planes < 2:
@@ -257,6 +366,16 @@ class Runtime:
         )
         with self._lock:
             sid = next(self._ids)
+            # The frame buffer first: it checks its own arguments and holds nothing to undo.
+            session = Session(
+                self,
+                sid,
+                sampler,
+                needs_actions,
+                buffer_frames=buffer_frames,
+                backpressure=backpressure,
+                target_fps=target_fps,
+            )
             self.scheduler.open(
                 sid,
                 chunk_frames=sampler.chunk_frames,
@@ -270,62 +389,167 @@ class Runtime:
                 needs_actions=needs_actions,
                 admission=admission,
             )
-            session = Session(
-                self,
-                sid,
-                sampler,
-                needs_actions,
-                buffer_frames=buffer_frames,
-                backpressure=backpressure,
-                target_fps=target_fps,
-            )
-            self.executor.add_stream(
-                sid, StreamState(sampler, cond_row, generator, self._sink(session.buffer))
-            )
-            self.sessions[sid] = session
+            try:
+                state = StreamState(sampler, cond_row, generator, self._sink(session.buffer))
+                state.context = context_x
+                self.executor.add_stream(sid, state)
+                self.sessions[sid] = session
+                if context_ids:
+                    self.scheduler.push_actions(sid, context_ids)
+            except BaseException:
+                self._undo_open(session)
+                raise
         self._wake.set()
         return session
+
+    def _undo_open(self, session: Session) -> None:
+        """Takes back a stream the scheduler admitted (its pages return). Holds the lock."""
+        session._closed = True
+        self.sessions.pop(session.id, None)
+        self.executor.remove_stream(session.id)
+        with contextlib.suppress(CrcmError):
+            self.scheduler.close(session.id)
+        session.buffer.close()
+
+    def _context(
+        self,
+        frames: np.ndarray | None,
+        actions: Sequence[int | str] | None,
+        sampler: SamplerConfig,
+        needs_actions: bool,
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """Validated context frames in model space and their action ids."""
+        if frames is None:
+            if actions is not None:
+                raise ConfigError("context_actions needs context frames")
+            return None, []
+        try:
+            frames = np.asarray(frames)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"context must be a uint8 array of frames: {err}") from None
+        shape = self.pipeline.frame_shape
+        if frames.dtype != np.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != shape:
+            raise ConfigError(
+                f"context must be uint8 [K, {', '.join(map(str, shape))}] frames, got "
+                f"{frames.dtype} {list(frames.shape)}"
+            )
+        K = frames.shape[0]
+        if K == 0 or K % sampler.chunk_frames:
+            raise ConfigError(
+                f"context has {K} frames: it must be a positive multiple of the chunk size "
+                f"{sampler.chunk_frames}"
+            )
+        ids: list[int] = []
+        if actions is not None and (
+            isinstance(actions, (str, bytes)) or not hasattr(actions, "__len__")
+        ):
+            raise ConfigError(
+                f"context_actions must be a sequence of actions, got {type(actions).__name__}"
+            )
+        if needs_actions:
+            if actions is None or len(actions) != K:
+                got = 0 if actions is None else len(actions)
+                raise ConfigError(
+                    f"context_actions needs one action per context frame ({K}), got {got}"
+                )
+            # -1 or "none" is no action (the model's null action): e.g. before an episode's
+            # first frame.
+            null = self.pipeline.model.null_action
+            ids = [
+                null
+                if (isinstance(a, str) and a == "none") or (_is_int(a) and int(a) == -1)
+                else self.pipeline.action_id(a)
+                for a in actions
+            ]
+        elif actions is not None:
+            raise ConfigError("this session takes no actions; pass context_actions=None")
+        x = self.pipeline.codec.encode(torch.from_numpy(np.ascontiguousarray(frames))[None])[0]
+        return x.to(self.device, self.cache.k.dtype), ids
 
     def _sampler(
         self, sampler: SamplerConfig | str | None, steps: int | Sequence[int] | None
     ) -> SamplerConfig:
         base = self.pipeline.sampler
+        schedule = None if steps is None else self._steps(steps)
         if isinstance(sampler, str):
-            preset = get_preset(sampler, steps if isinstance(steps, int) else None)
+            one = schedule[0] if schedule is not None and len(schedule) == 1 else None
+            preset = get_preset(sampler, one)
             sampler = replace(
                 preset, sink_frames=base.sink_frames, window_frames=base.window_frames
             )
         elif sampler is None:
             sampler = base
         elif not isinstance(sampler, SamplerConfig):
-            raise ConfigError(f"sampler must be a SamplerConfig or a preset name, got {sampler!r}")
-        if steps is not None:
-            schedule = (steps,) if isinstance(steps, int) else tuple(steps)
+            raise ConfigError(
+                "sampler must be a SamplerConfig or a preset name, got "
+                f"{type(sampler).__name__} {sampler!r}"[:200]
+            )
+        if schedule is not None:
+            if max(schedule) > len(sampler.times):
+                raise ConfigError(
+                    f"steps must be in [1, {len(sampler.times)}] for this sampler (it has "
+                    f"{len(sampler.times)} times), got {list(schedule)}"
+                )
             sampler = sampler.with_steps(*schedule)
         return sampler
 
+    @staticmethod
+    def _steps(steps: object) -> tuple[int, ...]:
+        """Steps per chunk: an int, or a per-chunk schedule of them."""
+        if _is_int(steps):
+            schedule: tuple = (steps,)
+        elif isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+            schedule = ()
+        else:
+            schedule = tuple(steps)
+        if not schedule or not all(_is_int(n) and 1 <= int(n) < 2**32 for n in schedule):
+            raise ConfigError(
+                "steps must be a positive integer or a non-empty sequence of them (one per "
+                f"chunk, the last repeating), got {steps!r}"[:200]
+            )
+        return tuple(int(n) for n in schedule)
+
     def _cond_row(self, cond: int | torch.Tensor | None) -> torch.Tensor | None:
+        """The stream's condition row, checked: a class id in range, or text tokens of the
+        model's shape with finite values (NaN/inf tokens would make every frame NaN)."""
         model = self.pipeline.model
         kind = model.cfg.cond
         if kind == "none":
             if cond is not None:
-                raise ConfigError("this model takes no condition")
+                raise ConfigError("this model takes no condition; pass cond=None")
             return None
         if kind == "class":
             cls = model.null_class if cond is None else cond
-            if isinstance(cls, torch.Tensor):
-                cls = int(cls.item())
-            if not isinstance(cls, int) or not 0 <= cls <= model.null_class:
-                raise ConfigError(f"class condition must be an int in [0, {model.null_class})")
-            return torch.tensor([cls], device=self.device)
+            one_int_tensor = isinstance(cls, torch.Tensor) and cls.numel() == 1 and _int_dtype(cls)
+            one_int_array = isinstance(cls, np.ndarray) and cls.size == 1 and _is_int(cls.flat[0])
+            if one_int_tensor or one_int_array:
+                cls = cls.item()
+            if not _is_int(cls) or not 0 <= int(cls) <= model.null_class:
+                raise ConfigError(
+                    f"cond: the class condition must be an int in [0, {model.null_class}) "
+                    f"({model.null_class}: none), got {_short(cond)}"
+                )
+            return torch.tensor([int(cls)], device=self.device)
         if cond is None:
             return model.null_text[None].detach().to(self.device)
-        tokens = torch.as_tensor(cond, device=self.device)
-        if tokens.shape != model.null_text.shape:
+        shape = list(model.null_text.shape)
+        try:
+            tokens = torch.as_tensor(cond)
+        except (TypeError, ValueError, RuntimeError):
+            tokens = None
+        if tokens is None or not (tokens.is_floating_point() or _int_dtype(tokens)):
             raise ConfigError(
-                f"text condition must be {list(model.null_text.shape)}, got {list(tokens.shape)}"
+                f"cond: the text condition must be a {shape} tensor of numbers, got {_short(cond)}"
             )
-        return tokens[None].to(model.null_text.dtype)
+        if list(tokens.shape) != shape:
+            raise ConfigError(f"cond: the text condition must be {shape}, got {list(tokens.shape)}")
+        finite = torch.isfinite(tokens)
+        if not bool(finite.all()):
+            raise ConfigError(
+                f"cond must be finite: {int((~finite).sum())} of its {tokens.numel()} values are "
+                "NaN or infinite"
+            )
+        return tokens[None].to(self.device, model.null_text.dtype)
 
     @staticmethod
     def _sink(buffer: _native.FrameBuffer):
@@ -343,15 +567,8 @@ class Runtime:
         self._wake.set()
 
     def _fork(self, parent: Session, seed: int | None) -> Session:
-        with self._lock:
+        with self._lock:  # all or nothing, like open
             sid = next(self._ids)
-            self.scheduler.fork(parent.id, sid)
-            src = self.executor.streams[parent.id]
-            generator = torch.Generator()
-            if seed is None:
-                generator.set_state(src.generator.get_state())
-            else:
-                generator.manual_seed(seed)
             session = Session(
                 self,
                 sid,
@@ -361,10 +578,22 @@ class Runtime:
                 backpressure=parent.backpressure,
                 target_fps=parent.target_fps,
             )
-            self.executor.add_stream(
-                sid, StreamState(src.sampler, src.cond, generator, self._sink(session.buffer))
-            )
-            self.sessions[sid] = session
+            self.scheduler.fork(parent.id, sid)
+            try:
+                src = self.executor.streams[parent.id]
+                generator = torch.Generator()
+                if seed is None:
+                    generator.set_state(src.generator.get_state())
+                else:
+                    generator.manual_seed(seed)
+                state = StreamState(src.sampler, src.cond, generator, self._sink(session.buffer))
+                for name in ("context", "context_used", "history", "prev", "forced", "x", "x0"):
+                    setattr(state, name, getattr(src, name))
+                self.executor.add_stream(sid, state)
+                self.sessions[sid] = session
+            except BaseException:
+                self._undo_open(session)
+                raise
         self._wake.set()
         return session
 
@@ -475,8 +704,7 @@ def generate(
 
     World models need one action per frame (``actions``); video models take ``cond``.
     """
-    if num_frames < 1:
-        raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+    num_frames = _int_arg("num_frames", num_frames, 1, 2**63, "2**63")
     needs_actions = bool(pipeline.model.cfg.num_actions)
     if needs_actions and (actions is None or len(actions) < num_frames):
         raise ConfigError(
@@ -500,3 +728,15 @@ def generate(
 
 def _param_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _int_dtype(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _short(value: object) -> str:
+    """A value for a message: its repr, cut short (a tensor's would run to pages)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"{type(value).__name__} of dtype {value.dtype} and shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

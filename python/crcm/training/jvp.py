@@ -64,12 +64,14 @@ def model_jvp(
     mask: Mask | None = None,
     static_frames: int = 0,
     backend: Backend = "auto",
+    prev_B_T_C_H_W: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The velocity ``v = v_θ(x, s)`` and its JVP ``t_v = ∂v/∂x·t_x + ∂v/∂s·t_s``.
 
     Args:
         model: the network; its parameters are held fixed (the JVP is in the inputs only).
-        x_B_T_C_H_W, s_B_T, frame_pos_B_T, cond, actions_B_T: as in ``CausalDiT.forward``.
+        x_B_T_C_H_W, s_B_T, frame_pos_B_T, cond, actions_B_T, prev_B_T_C_H_W: as in
+            ``CausalDiT.forward``; the previous frames are clean data (zero tangent).
         t_x_B_T_C_H_W: tangent of ``x`` (same shape).
         t_s_B_T: tangent of the RF time ``s`` (same shape), in units of ``s`` (not ``1000·s``).
         mask: the self-attention mask over the ``T·tokens_per_frame`` tokens; ``None`` = full.
@@ -110,9 +112,10 @@ def model_jvp(
     context_B_Lc_D = model._embed_cond(cond, B, device)
 
     # Patch embedding (a convolution: its JVP is the convolution of the tangent, without bias).
+    prev_B_T_C_H_W = model._check_prev(prev_B_T_C_H_W, x_B_T_C_H_W)
+
     def patchify(x: Tensor) -> Tensor:
-        conv_in = x.transpose(1, 2).to(model.patch_embedding.weight.dtype)
-        return _wide(model.patch_embedding(conv_in).flatten(2).transpose(1, 2))
+        return model.patchify(x, prev_B_T_C_H_W)
 
     x_B_L_D, t_x_B_L_D = jvp(patchify, (x_B_T_C_H_W,), (t_x_B_T_C_H_W.to(x_B_T_C_H_W.dtype),))
     grid_h, grid_w = H // cfg.patch[1], W // cfg.patch[2]
@@ -156,11 +159,16 @@ def model_jvp(
 
     def unpatchify(patches_B_L_P: Tensor) -> Tensor:
         _, ph, pw = cfg.patch
-        v = patches_B_L_P.reshape(B, T // pt, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
-        v = v.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
-        return v.to(x_B_T_C_H_W.dtype)
+        out = patches_B_L_P.reshape(B, T // pt, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
+        return out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
 
-    return unpatchify(patches_B_L_P), unpatchify(t_patches_B_L_P)
+    # The head's output to the velocity (an x0-head's v depends on x and s directly too).
+    v, t_v = jvp(
+        lambda x, s, out: model.velocity_from_output(x, s, out, prev_B_T_C_H_W),
+        (x_B_T_C_H_W, s_B_T, unpatchify(patches_B_L_P)),
+        (t_x_B_T_C_H_W.to(x_B_T_C_H_W.dtype), t_s_B_T, unpatchify(t_patches_B_L_P)),
+    )
+    return v.to(x_B_T_C_H_W.dtype), t_v.to(x_B_T_C_H_W.dtype)
 
 
 def _block_jvp(

@@ -58,6 +58,7 @@ __all__ = [
     "tf_scm_loss",
     "tf_teacher_loss",
     "trigflow_scm_loss",
+    "x0_weight",
 ]
 
 Logs = dict[str, Tensor]
@@ -71,9 +72,9 @@ Logs = dict[str, Tensor]
 class TeacherForcingBatch:
     """The packed teacher-forcing sequence ``[clean | noisy]`` of ``2T`` frames (design §1.2).
 
-    Both halves carry the same RoPE frame positions and actions; under ``mask`` a noisy chunk
-    sees the clean chunks before it and itself, so the noisy half's output is what the causal
-    model would predict for each chunk given the clean past.
+    Both halves carry the same RoPE frame positions, actions and previous frames; under
+    ``mask`` a noisy chunk sees the clean chunks before it and itself, so the noisy half's output
+    is what the causal model would predict for each chunk given the clean past.
     """
 
     x_B_2T_C_H_W: Tensor
@@ -82,6 +83,7 @@ class TeacherForcingBatch:
     actions_B_2T: Tensor | None
     mask: Mask
     num_frames: int  # T: frames per half
+    prev_B_2T: Tensor | None = None  # the clean frames before each frame (prev_frames models)
 
     def noisy_half(self, y_B_2T: Tensor) -> Tensor:
         """Frames ``T..2T`` of a packed tensor (the only half whose output is used)."""
@@ -100,6 +102,7 @@ class TeacherForcingBatch:
             cond=cond,
             actions_B_T=self.actions_B_2T,
             attention=self.mask,
+            prev_B_T_C_H_W=self.prev_B_2T,
         )
         return self.noisy_half(v_B_2T)
 
@@ -114,6 +117,7 @@ def pack_teacher_forcing(
     actions_B_T: Tensor | None = None,
     frame_pos_B_T: Tensor | None = None,
     s_context_B_T: Tensor | None = None,
+    prev_B_T_C_H_W: Tensor | None = None,
 ) -> TeacherForcingBatch:
     """Pack clean context and noisy frames into one teacher-forcing sequence.
 
@@ -125,6 +129,8 @@ def pack_teacher_forcing(
         actions_B_T: per-frame actions (repeated on both halves), or None.
         frame_pos_B_T: RoPE frame positions (default ``0..T−1``), repeated on both halves.
         s_context_B_T: RF time of the context frames (default 0: clean).
+        prev_B_T_C_H_W: the clean frames before each frame (``preceding_frames`` of the clip)
+            for a model with ``prev_frames``, repeated on both halves; None otherwise.
     """
     if x0_B_T_C_H_W.shape != x_s_B_T_C_H_W.shape or x0_B_T_C_H_W.ndim != 5:
         raise ValueError(
@@ -146,6 +152,7 @@ def pack_teacher_forcing(
         actions_B_2T=None if actions_B_T is None else actions_B_T.repeat(1, 2),
         mask=teacher_forcing_mask(T, chunk_frames, tokens_per_frame),
         num_frames=T,
+        prev_B_2T=None if prev_B_T_C_H_W is None else prev_B_T_C_H_W.repeat(1, 2, 1, 1, 1),
     )
 
 
@@ -153,6 +160,13 @@ def bell_weight(s: Tensor) -> Tensor:
     """TF teacher loss weight ``w(s) = exp(−2·(s − 0.5)²) − e^(−0.5)``: 0 at s = 0 and 1,
     largest (1 − e^(−0.5) ≈ 0.39) at s = 0.5."""
     return torch.exp(-2 * (s - 0.5) ** 2) - math.exp(-0.5)
+
+
+def x0_weight(s: Tensor) -> Tensor:
+    """``w(s) = s²``: times the v-MSE it is the squared error of the clean frame
+    ``x0̂ = x_s − s·v``, since ``x0̂ − x0 = −s·(v̂ − v)``; every noise level weighs alike in
+    image space (the loss of an x0-predicting model; see ``DiTConfig.prediction``)."""
+    return s.square()
 
 
 def drop_conditions(
@@ -213,6 +227,7 @@ def guided_velocity(
         actions_B_2T=both_actions,
         mask=batch.mask,
         num_frames=batch.num_frames,
+        prev_B_2T=None if batch.prev_B_2T is None else batch.prev_B_2T.repeat(2, 1, 1, 1, 1),
     )
     v_cond, v_uncond = both.velocity(model, both_cond).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
@@ -263,13 +278,18 @@ def flow_matching_loss(
     cond: Tensor | None = None,
     actions_B_T: Tensor | None = None,
     shift: float = DEFAULT_SHIFT,
+    weight: Callable[[Tensor], Tensor] | None = None,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
+    change_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 0, the bidirectional base model (full mask):
 
-    L = E_{s, ε} mean ‖v_θ(x_s, s, c) − (ε − x0)‖²,   s ~ UniformShift(shift), one per clip.
+    L = E_{s, ε} w(s)·mean ‖v_θ(x_s, s, c) − (ε − x0)‖²,   s ~ UniformShift(shift), one per clip,
+
+    ``w = weight`` (None = 1, e.g. :func:`x0_weight`); with ``change_weight > 0`` each pixel's
+    error is weighted by :func:`change_weights`.
     """
     B, T = _check_video(x0_B_T_C_H_W)
     s_B = uniform_shift((B,), shift, generator=generator, device=x0_B_T_C_H_W.device)
@@ -284,8 +304,17 @@ def flow_matching_loss(
         action_dropout=action_dropout,
         generator=generator,
     )
-    v_B_T_C_H_W = model(x_s, s_B_T, cond=cond, actions_B_T=actions_B_T)
-    loss = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square().mean()
+    v_B_T_C_H_W = model(
+        x_s,
+        s_B_T,
+        cond=cond,
+        actions_B_T=actions_B_T,
+        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
+    )
+    se = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square()
+    mse_B = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((1, 2, 3, 4))
+    w_B = torch.ones_like(s_B) if weight is None else weight(s_B).to(mse_B.dtype)
+    loss = (w_B * mse_B).mean()
     return loss, {"loss": loss.detach()}
 
 
@@ -301,6 +330,7 @@ def tf_teacher_loss(
     context_noise: float = 0.0,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
+    change_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 1, teacher forcing: the causal teacher on the packed ``[x0 | x_s]`` sequence,
@@ -328,7 +358,8 @@ def tf_teacher_loss(
     batch = _pack(
         model, x0_B_T_C_H_W, x_s, s_B, chunk_frames, actions_B_T, context_noise, generator
     )
-    mse_B_T = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square().mean((2, 3, 4))
+    se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
+    mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
     w_B = torch.ones_like(s_B) if weight is None else weight(s_B)
     loss = (w_B * mse_B_T.sum(1)).mean()
     return loss, {"loss": loss.detach(), "mse": mse_B_T.detach().mean()}
@@ -342,14 +373,19 @@ def df_teacher_loss(
     cond: Tensor | None = None,
     actions_B_T: Tensor | None = None,
     shift: float = DEFAULT_SHIFT,
+    weight: Callable[[Tensor], Tensor] | None = None,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
+    change_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 1, diffusion forcing: the causal teacher on one noisy clip under the block-causal
     mask, every chunk with its own time,
 
-        L = E mean ‖v_θ(x_s | x_{s,<chunk}, s, c) − (ε − x0)‖²,   s_chunk ~ UniformShift(shift).
+        L = E w(s)·mean ‖v_θ(x_s | x_{s,<chunk}, s, c) − (ε − x0)‖²,
+        s_chunk ~ UniformShift(shift),
+
+    ``w = weight`` per frame (None = 1); ``change_weight`` as in :func:`flow_matching_loss`.
     """
     B, T = _check_video(x0_B_T_C_H_W)
     if T % chunk_frames:
@@ -374,8 +410,12 @@ def df_teacher_loss(
         cond=cond,
         actions_B_T=actions_B_T,
         attention=block_causal_mask(T, chunk_frames, tpf),
+        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
     )
-    loss = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square().mean()
+    se = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square()
+    mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
+    w_B_T = torch.ones_like(s_B_T) if weight is None else weight(s_B_T).to(mse_B_T.dtype)
+    loss = (w_B_T * mse_B_T).mean()
     return loss, {"loss": loss.detach()}
 
 
@@ -678,6 +718,7 @@ def _noisy_half_jvp(
         mask=batch.mask,
         static_frames=T,
         backend=backend,
+        prev_B_T_C_H_W=batch.prev_B_2T,
     )
     return batch.noisy_half(t_v_B_2T)
 
@@ -711,7 +752,28 @@ def _pack(
         tokens_per_frame=model.tokens_per_frame(*x0_B_T_C_H_W.shape[-2:]),
         actions_B_T=actions_B_T,
         s_context_B_T=s_context_B_T,
+        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
     )
+
+
+def change_weights(x0_B_T_C_H_W: Tensor, change_weight: float) -> Tensor:
+    """Per-pixel loss weights ``1 + change_weight·m`` where ``m`` marks the pixels of a frame
+    that differ from the frame before (any channel, dilated by one pixel), ``[B, T, 1, H, W]``;
+    the scalar 1 when ``change_weight = 0``.
+
+    A game frame is mostly static: Breakout's paddle and ball are < 0.5 % of the pixels, so an
+    unweighted mean lets the network ignore exactly what the action and the context decide.
+    The first frame of a clip has no predecessor and keeps weight 1."""
+    if change_weight < 0:
+        raise ValueError(f"change_weight must be >= 0, got {change_weight}")
+    if change_weight == 0:
+        return torch.ones((), dtype=x0_B_T_C_H_W.dtype, device=x0_B_T_C_H_W.device)
+    with torch.no_grad():
+        diff_B_T1_H_W = (x0_B_T_C_H_W[:, 1:] - x0_B_T_C_H_W[:, :-1]).abs().amax(2)
+        changed = (diff_B_T1_H_W > 1e-3).to(x0_B_T_C_H_W.dtype)
+        changed = torch.nn.functional.max_pool2d(changed, 3, stride=1, padding=1)
+        m_B_T_H_W = torch.cat([torch.zeros_like(changed[:, :1]), changed], dim=1)
+        return (1 + change_weight * m_B_T_H_W)[:, :, None]
 
 
 def _scm_result(

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from crcm.errors import ConfigError
 from crcm.masks import block_causal_mask
-from crcm.models.dit import Attention, AttnFn, CausalDiT, sdpa_attention
+from crcm.models.dit import Attention, AttnFn, CausalDiT, preceding_frames, sdpa_attention
 from crcm.sampling import SamplerConfig, euler_times
 from crcm.training.timesteps import add_noise, uniform_shift
 
@@ -212,6 +212,7 @@ class _ChunkRecord:
     x_B_T_C_H_W: Tensor  # input of the chunk's final denoising step (detached)
     s: float  # its time
     context: tuple[_FrameKV, ...]  # earlier frames' K/V it attended to (detached)
+    prev_B_T_C_H_W: Tensor | None  # the frames before it, for prev_frames models (detached)
 
 
 def _student_x0(
@@ -223,6 +224,7 @@ def _student_x0(
     cond: Tensor | None,
     actions_B_T: Tensor | None,
     capture: dict[int, tuple[Tensor, Tensor]] | None = None,
+    prev_B_T_C_H_W: Tensor | None = None,
 ) -> Tensor:
     """One chunk's denoised frames ``f_θ(x_s, s | KV) = x_s − s·v_θ``; ``[B, T, C, H, W]``."""
     B, T = x_B_T_C_H_W.shape[:2]
@@ -237,6 +239,7 @@ def _student_x0(
         cond=cond,
         actions_B_T=actions,
         attention=_cached_attention(context, capture),
+        prev_B_T_C_H_W=prev_B_T_C_H_W,
     )
     return x_B_T_C_H_W - s * v_B_T_C_H_W
 
@@ -261,6 +264,7 @@ def _rollout(
     frame_hw: tuple[int, int] | None,
     grad: bool,
     records: list[_ChunkRecord] | None,
+    context_B_K_C_H_W: Tensor | None = None,
 ) -> Tensor:
     if sampler.kind != "consistency":
         raise ConfigError(f"the student rolls out with consistency steps, not {sampler.kind!r}")
@@ -275,6 +279,21 @@ def _rollout(
     H, W = frame_hw or student.cfg.frame_hw
     chunk_shape = (batch_size, T, student.cfg.in_channels, H, W)
     like = next(student.parameters())
+    k_prev = student.cfg.prev_frames
+    if k_prev and T != 1:
+        raise ConfigError(
+            f"a model conditioned on its previous frames streams one frame per chunk, not {T}"
+        )
+    given = 0 if context_B_K_C_H_W is None else context_B_K_C_H_W.shape[1]
+    if (
+        given % T
+        or given >= num_frames
+        or (given and tuple(context_B_K_C_H_W.shape) != (batch_size, given, *chunk_shape[2:]))
+    ):
+        raise ConfigError(
+            f"context frames must be [{batch_size}, K, {', '.join(map(str, chunk_shape[2:]))}] "
+            f"with K a multiple of {T} below num_frames={num_frames}"
+        )
 
     cache = DenseKVCache(sampler.sink_frames, sampler.window_frames)
     chunks_x0: list[Tensor] = []
@@ -284,11 +303,24 @@ def _rollout(
         n = sampler.steps_of(chunk)
         times = sampler.times[:n]
         x = _randn(chunk_shape, generator, like)
+        prev = None
+        if k_prev:  # the stream's own finished frames, as at inference (detached)
+            history = torch.cat(chunks_x0[-k_prev:], dim=1).detach() if chunks_x0 else None
+            prev = preceding_frames(torch.zeros_like(x), k_prev, history)
         captured: dict[int, tuple[Tensor, Tensor]] = {}
+        if frame0 < given:
+            # A ground-truth context chunk, as the runtime prefills one: its clean frames at
+            # s = 0 fill the cache (one noise draw per chunk, as there), nothing is sampled.
+            x0 = context_B_K_C_H_W[:, frame0 : frame0 + T].to(like.dtype)
+            with torch.no_grad():
+                _student_x0(student, x0, 0.0, frame0, context, cond, actions_B_T, captured, prev)
+            chunks_x0.append(x0)
+            cache.append(frame0, captured, T)
+            continue
         for k, s in enumerate(times):
             last = k == n - 1
             if last and records is not None:
-                records.append(_ChunkRecord(frame0, x, s, context))
+                records.append(_ChunkRecord(frame0, x, s, context, prev))
             # Only the chunk's final step builds a graph: earlier steps (and, through the
             # detached cache, earlier chunks) are constants of this chunk's loss.
             with torch.set_grad_enabled(grad and last):
@@ -301,6 +333,7 @@ def _rollout(
                     cond,
                     actions_B_T,
                     capture=captured if last and not sampler.cache_update else None,
+                    prev_B_T_C_H_W=prev,
                 )
             if not last:
                 s_next = times[k + 1]
@@ -311,7 +344,9 @@ def _rollout(
         if sampler.cache_update:
             # The cache holds the clean chunk as inference sees it: one extra forward at s = 0.
             with torch.no_grad():
-                _student_x0(student, x0.detach(), 0.0, frame0, context, cond, actions_B_T, captured)
+                _student_x0(
+                    student, x0.detach(), 0.0, frame0, context, cond, actions_B_T, captured, prev
+                )
         # Noisy context: the K/V of the chunk's last denoising forward (N, not N + 1 forwards).
         cache.append(frame0, captured, T)
     return torch.cat(chunks_x0, dim=1)
@@ -327,6 +362,7 @@ def self_forcing_rollout(
     actions_B_T: Tensor | None = None,
     generator: torch.Generator | None = None,
     frame_hw: tuple[int, int] | None = None,
+    context_B_K_C_H_W: Tensor | None = None,
 ) -> Tensor:
     """Roll the student out autoregressively, exactly as streaming inference does.
 
@@ -352,8 +388,11 @@ def self_forcing_rollout(
         cond: per-video condition (``[B]`` class ids or ``[B, L, D]`` text), ``None`` = null.
         actions_B_T: integer action per frame for all ``num_frames``, or ``None``.
         frame_hw: model-space frame size (default the config's ``frame_hw``).
+        context_B_K_C_H_W: ground-truth frames the rollout starts from (a session opened with
+            ``context=``): they fill the cache at s = 0 and are the video's first ``K`` frames
+            (constants: no gradient), and the student continues from them.
     Returns:
-        ``x0_B_T_C_H_W``, the rolled-out video in model space.
+        ``x0_B_T_C_H_W``, the rolled-out video in model space (context frames included).
     """
     return _rollout(
         student,
@@ -366,6 +405,7 @@ def self_forcing_rollout(
         frame_hw=frame_hw,
         grad=torch.is_grad_enabled(),
         records=None,
+        context_B_K_C_H_W=context_B_K_C_H_W,
     )
 
 
@@ -382,6 +422,7 @@ def _guided_velocity(
     actions_B_T: Tensor | None,
     attention: Attention,
     cfg_scale: float,
+    prev_B_T_C_H_W: Tensor | None = None,
 ) -> Tensor:
     """CFG velocity ``v(x | ∅) + w·(v(x | c) − v(x | ∅))``, both branches in one forward.
 
@@ -389,8 +430,16 @@ def _guided_velocity(
     for models without one (world models), the null action on every frame. ``cond=None`` on a
     conditioned model is already ∅: plain velocity.
     """
+    prev = prev_B_T_C_H_W
     if cfg_scale == 1.0 or (model.cfg.cond != "none" and cond is None):
-        return model(x_B_T_C_H_W, s_B_T, cond=cond, actions_B_T=actions_B_T, attention=attention)
+        return model(
+            x_B_T_C_H_W,
+            s_B_T,
+            cond=cond,
+            actions_B_T=actions_B_T,
+            attention=attention,
+            prev_B_T_C_H_W=prev,
+        )
     B = x_B_T_C_H_W.shape[0]
     if model.cfg.cond != "none":
         both_cond = torch.cat(
@@ -408,6 +457,7 @@ def _guided_velocity(
         cond=both_cond,
         actions_B_T=both_actions,
         attention=attention,
+        prev_B_T_C_H_W=None if prev is None else prev.repeat(2, 1, 1, 1, 1),
     ).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
@@ -451,7 +501,12 @@ def dmd_gradient(
     # Mix in x0's precision (the network sees float32 times either way).
     x = add_noise(x0, _randn(tuple(x0.shape), generator, x0), s_B_T.to(x0.dtype))
     s_b = s_B_T[:, :, None, None, None].to(x0.dtype)
-    common = dict(cond=cond, actions_B_T=actions_B_T, attention=attention)
+    common = dict(
+        cond=cond,
+        actions_B_T=actions_B_T,
+        attention=attention,
+        prev_B_T_C_H_W=teacher.previous_frames(x0),
+    )
     v_real = _guided_velocity(teacher, x, s_B_T, cfg_scale=cfg_scale, **common)
     v_fake = _guided_velocity(fake_score, x, s_B_T, cfg_scale=1.0, **common)
     return dmd_direction(x0, x - s_b * v_real, x - s_b * v_fake)
@@ -513,6 +568,7 @@ def sf_dmd_step(
     generator: torch.Generator | None = None,
     frame_hw: tuple[int, int] | None = None,
     replay: bool = False,
+    context_B_K_C_H_W: Tensor | None = None,
 ) -> Tensor:
     """One SF-DMD student step: roll out, compute ``sf_dmd_loss`` and backpropagate into
     ``student``'s ``.grad`` (accumulating; the caller zeroes and steps the optimiser).
@@ -525,6 +581,10 @@ def sf_dmd_step(
     time — peak activation memory of one chunk forward. Both give the same gradients (the loss
     is a sum over chunks and each chunk's graph starts at detached inputs).
 
+    ``context_B_K_C_H_W``: ground-truth frames the rollout starts from (see
+    ``self_forcing_rollout``); the DMD loss then scores the whole clip, context included, and
+    only the generated frames carry gradient.
+
     Draws the rollout's noise, then ``s_D`` and ``ε`` from ``generator``. Returns the loss value
     (detached scalar).
     """
@@ -536,7 +596,13 @@ def sf_dmd_step(
         attention=teacher_attention,
         generator=generator,
     )
-    rollout = dict(cond=cond, actions_B_T=actions_B_T, generator=generator, frame_hw=frame_hw)
+    rollout = dict(
+        cond=cond,
+        actions_B_T=actions_B_T,
+        generator=generator,
+        frame_hw=frame_hw,
+        context_B_K_C_H_W=context_B_K_C_H_W,
+    )
     if not replay:
         with torch.enable_grad():
             x0 = self_forcing_rollout(student, sampler, batch_size, num_frames, **rollout)
@@ -552,7 +618,14 @@ def sf_dmd_step(
         frames = slice(rec.frame0, rec.frame0 + rec.x_B_T_C_H_W.shape[1])
         with torch.enable_grad():
             x0_chunk = _student_x0(
-                student, rec.x_B_T_C_H_W, rec.s, rec.frame0, rec.context, cond, actions_B_T
+                student,
+                rec.x_B_T_C_H_W,
+                rec.s,
+                rec.frame0,
+                rec.context,
+                cond,
+                actions_B_T,
+                prev_B_T_C_H_W=rec.prev_B_T_C_H_W,
             )
             loss = _dmd_regression(x0_chunk, target_B_T_C_H_W[:, frames])
             loss.backward()
@@ -599,6 +672,7 @@ def fake_score_loss(
         cond=cond,
         actions_B_T=actions_B_T,
         attention=attention,
+        prev_B_T_C_H_W=fake_score.previous_frames(x0),
     )
     return (v_B_T_C_H_W - (eps - x0)).square().mean()
 
@@ -628,7 +702,8 @@ def diffusion_forcing_outputs(
     s_B_T = _chunk_times(x0_data_B_T_C_H_W, times, chunk_frames, generator)
     eps = _randn(tuple(x0_data_B_T_C_H_W.shape), generator, x0_data_B_T_C_H_W)
     x_s = add_noise(x0_data_B_T_C_H_W, eps, s_B_T.to(x0_data_B_T_C_H_W.dtype))
-    return _block_causal_x0(student, x_s, s_B_T, chunk_frames, cond, actions_B_T)
+    prev = student.previous_frames(x0_data_B_T_C_H_W)
+    return _block_causal_x0(student, x_s, s_B_T, chunk_frames, cond, actions_B_T, prev)
 
 
 @torch.no_grad()
@@ -656,6 +731,9 @@ def generate_ode_pairs(
     times = _check_times(times)
     grid = [*sorted(set(euler_times(num_steps, shift)) | set(times), reverse=True), 0.0]
     B, T = noise_B_T_C_H_W.shape[:2]
+    guided = dict(cond=cond, cfg_scale=cfg_scale)
+    if teacher.cfg.prev_frames:
+        return _sequential_ode_pairs(teacher, noise_B_T_C_H_W, times, grid, actions_B_T, guided)
     x = noise_B_T_C_H_W
     states: dict[float, Tensor] = {}
     for s, s_next in itertools.pairwise(grid):
@@ -663,16 +741,52 @@ def generate_ode_pairs(
             states[s] = x
         s_B_T = torch.full((B, T), s, device=x.device)
         v = _guided_velocity(
-            teacher,
-            x,
-            s_B_T,
-            cond=cond,
-            actions_B_T=actions_B_T,
-            attention=attention,
-            cfg_scale=cfg_scale,
+            teacher, x, s_B_T, actions_B_T=actions_B_T, attention=attention, **guided
         )
         x = x + (s_next - s) * v
     return torch.stack([states[s] for s in times], dim=1), x
+
+
+def _sequential_ode_pairs(
+    teacher: CausalDiT,
+    noise_B_T_C_H_W: Tensor,
+    times: list[float],
+    grid: list[float],
+    actions_B_T: Tensor | None,
+    guided: dict,
+) -> tuple[Tensor, Tensor]:
+    """``generate_ode_pairs`` for a teacher conditioned on its previous frames: a frame's
+    trajectory needs the finished frames before it, so frames are solved one after another,
+    each under the block-causal mask behind the clean frames already solved (what the teacher
+    sees when it streams)."""
+    B, T, _, H, W = noise_B_T_C_H_W.shape
+    tpf = teacher.tokens_per_frame(H, W)
+    done: list[Tensor] = []  # finished frames, [B, 1, C, H, W] each
+    states_by_frame: list[Tensor] = []  # [B, K, 1, C, H, W] per frame
+    for t in range(T):
+        x = noise_B_T_C_H_W[:, t : t + 1]
+        mask = block_causal_mask(t + 1, 1, tpf)
+        actions = None if actions_B_T is None else actions_B_T[:, : t + 1]
+        states: dict[float, Tensor] = {}
+        for s, s_next in itertools.pairwise(grid):
+            if s in times:
+                states[s] = x
+            seq = torch.cat([*done, x], dim=1)
+            s_B_t = torch.zeros(B, t + 1, device=x.device)
+            s_B_t[:, t] = s
+            v = _guided_velocity(
+                teacher,
+                seq,
+                s_B_t,
+                actions_B_T=actions,
+                attention=mask,
+                prev_B_T_C_H_W=teacher.previous_frames(seq),
+                **guided,
+            )[:, t : t + 1]
+            x = x + (s_next - s) * v
+        done.append(x)
+        states_by_frame.append(torch.stack([states[s] for s in times], dim=1))
+    return torch.cat(states_by_frame, dim=2), torch.cat(done, dim=1)
 
 
 def ode_regression_loss(
@@ -704,7 +818,8 @@ def ode_regression_loss(
     s_B_T = torch.tensor(times, device=x0_B_T_C_H_W.device)[k_B_T]
     index = k_B_T[:, None, :, None, None, None].expand(-1, 1, -1, *x_B_K_T_C_H_W.shape[3:])
     x_s = x_B_K_T_C_H_W.gather(1, index)[:, 0]
-    x0_hat = _block_causal_x0(student, x_s, s_B_T, chunk_frames, cond, actions_B_T)
+    prev = student.previous_frames(x0_B_T_C_H_W)
+    x0_hat = _block_causal_x0(student, x_s, s_B_T, chunk_frames, cond, actions_B_T, prev)
     return (x0_hat - x0_B_T_C_H_W).square().mean()
 
 
@@ -719,10 +834,18 @@ def _block_causal_x0(
     chunk_frames: int,
     cond: Tensor | None,
     actions_B_T: Tensor | None,
+    prev_B_T_C_H_W: Tensor | None = None,
 ) -> Tensor:
     T, _, H, W = x_B_T_C_H_W.shape[1:]
     mask = block_causal_mask(T, chunk_frames, student.tokens_per_frame(H, W))
-    v = student(x_B_T_C_H_W, s_B_T, cond=cond, actions_B_T=actions_B_T, attention=mask)
+    v = student(
+        x_B_T_C_H_W,
+        s_B_T,
+        cond=cond,
+        actions_B_T=actions_B_T,
+        attention=mask,
+        prev_B_T_C_H_W=prev_B_T_C_H_W,
+    )
     return x_B_T_C_H_W - s_B_T[:, :, None, None, None].to(v.dtype) * v
 
 

@@ -13,6 +13,8 @@ Oracles:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -380,7 +382,23 @@ class GaussianDenoiser(nn.Module):
         self.mu = nn.Parameter(torch.tensor(mu))
         self.log_sigma = nn.Parameter(torch.tensor(sigma).log())
 
-    def forward(self, x, s_B_T, *, frame_pos_B_T=None, cond=None, actions_B_T=None, attention=None):
+    # What the objectives read of CausalDiT's config: no frame conditioning.
+    cfg = SimpleNamespace(prev_frames=0, cond="none")
+
+    def previous_frames(self, x0, history=None):
+        return None
+
+    def forward(
+        self,
+        x,
+        s_B_T,
+        *,
+        frame_pos_B_T=None,
+        cond=None,
+        actions_B_T=None,
+        attention=None,
+        prev_B_T_C_H_W=None,
+    ):
         s = s_B_T[:, :, None, None, None].clamp_min(1e-4)
         mu = self.mu[:, None, None]
         var = (2 * self.log_sigma).exp()[:, None, None]

@@ -1,0 +1,324 @@
+"""Frame conditioning (``prev_frames``) through every path, and the runtime's context prefill.
+
+A model with ``prev_frames = k`` reads the k clean frames before each frame on its input
+channels. Training feeds clean data there, streaming the stream's own finished frames; these
+tests pin that every path (the objectives, the layer-wise JVP, the self-forcing rollout, the
+executor, a session opened on ground-truth context) hands the model the same frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from crcm.masks import block_causal_mask, teacher_forcing_mask
+from crcm.models import CausalDiT, get_config
+from crcm.models.dit import preceding_frames
+from crcm.pipeline import Pipeline
+from crcm.runtime import Runtime
+from crcm.sampling import SamplerConfig
+from crcm.training import objectives as obj
+from crcm.training.jvp import model_jvp
+from crcm.training.self_forcing import self_forcing_rollout
+
+# An action-only world model, like the shipped Breakout config, at test size.
+WM = get_config("tiny").replace(
+    cond="none", num_classes=0, class_tokens=0, prev_frames=2, prediction="x0-change"
+)
+
+
+def randomized(model: CausalDiT, seed: int = 0) -> CausalDiT:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            is_norm = name.endswith(("norm_q.weight", "norm_k.weight"))
+            p.copy_(1.0 + 0.1 * noise if is_norm else 0.3 * noise)
+    return model.eval().requires_grad_(False)
+
+
+def test_preceding_frames_reads_the_frames_before_each_frame():
+    x = torch.arange(5.0)[None, :, None, None, None].expand(1, 5, 2, 1, 1)  # frame t holds t
+    prev = preceding_frames(x, 2)
+    assert prev.shape == (1, 5, 4, 1, 1)
+    # Frame t gets [t−2, t−1] (oldest first, each frame's 2 channels), zeros before the clip.
+    expected = [[0, 0], [0, 0], [0, 1], [1, 2], [2, 3]]
+    got = prev[0, :, ::2, 0, 0].tolist()
+    assert got == [[float(v) for v in row] for row in expected]
+    # A stream's history fills in before the clip (only its last k frames are read).
+    history = torch.full((1, 3, 2, 1, 1), 7.0)
+    history[:, -1] = 9.0
+    with_history = preceding_frames(x[:, :2], 2, history)[0, :, ::2, 0, 0].tolist()
+    assert with_history == [[7.0, 9.0], [9.0, 0.0]]
+
+
+def test_the_model_needs_its_previous_frames_and_reads_them():
+    model = randomized(CausalDiT(WM))
+    x = torch.randn(1, 3, WM.in_channels, *WM.frame_hw)
+    s = torch.full((1, 3), 0.5)
+    with pytest.raises(ValueError, match="previous frame"):
+        model(x, s)
+    with pytest.raises(ValueError, match="previous frame"):
+        model(x, s, prev_B_T_C_H_W=torch.zeros(1, 3, WM.in_channels, *WM.frame_hw))
+    prev = model.previous_frames(torch.randn_like(x))
+    v = model(x, s, prev_B_T_C_H_W=prev)
+    assert not torch.allclose(v, model(x, s, prev_B_T_C_H_W=prev + 1))
+    plain = CausalDiT(get_config("tiny"))
+    with pytest.raises(ValueError, match="no previous frames"):
+        plain(x.expand(1, 3, -1, -1, -1), s, prev_B_T_C_H_W=prev)
+
+
+def test_an_x0_change_head_returns_the_velocity_of_its_prediction():
+    """``x_s − s·v`` is the last previous frame plus the head's output (the change), for
+    every s ≥ X0_MIN_S; a fresh model (zero head) copies the last frame."""
+    from crcm.models.dit import X0_MIN_S
+
+    model = randomized(CausalDiT(WM).double())
+    x = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, dtype=torch.float64)
+    prev = model.previous_frames(torch.randn_like(x))
+    s1, s2 = (
+        torch.full((2, 3), 0.9, dtype=torch.float64),
+        torch.full((2, 3), 0.3, dtype=torch.float64),
+    )
+    x0_a = x - 0.9 * model(x, s1, prev_B_T_C_H_W=prev)
+    x0_b = x - 0.3 * model(x, s2, prev_B_T_C_H_W=prev)
+    # The same input at another time: the head sees another time embedding, so the
+    # predictions differ, but each is the head's output, not x minus a scaled velocity.
+    v_small = model(x, torch.full((2, 3), X0_MIN_S / 2, dtype=torch.float64), prev_B_T_C_H_W=prev)
+    assert torch.isfinite(v_small).all() and not torch.allclose(x0_a, x0_b)
+    # A v-head with the same weights returns the head output itself: the two differ by the
+    # conversion exactly.
+    v_model = CausalDiT(WM.replace(prediction="v")).double()
+    v_model.load_state_dict(model.state_dict())
+    out = v_model(x, s1, prev_B_T_C_H_W=prev)
+    last = prev[:, :, -WM.in_channels :]
+    torch.testing.assert_close(x0_a, last + out, rtol=1e-10, atol=1e-10)
+    fresh = CausalDiT(WM).double()
+    torch.testing.assert_close(x - 0.9 * fresh(x, s1, prev_B_T_C_H_W=prev), last)
+
+
+def test_model_jvp_holds_the_previous_frames_fixed():
+    model = randomized(CausalDiT(WM).double())
+    gen = torch.Generator().manual_seed(1)
+    B, T = 2, 4
+    x = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen, dtype=torch.float64)
+    s = 0.1 + 0.8 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    t_x, t_s = torch.randn_like(x), torch.randn_like(s)
+    prev = preceding_frames(torch.randn_like(x), WM.prev_frames)
+    mask = block_causal_mask(T, 1, WM.tokens_per_frame)
+    actions = torch.randint(0, WM.num_actions, (B, T), generator=gen)
+    kw = dict(actions_B_T=actions, prev_B_T_C_H_W=prev)
+    v, t_v = model_jvp(model, x, s, t_x, t_s, mask=mask, backend="torch", **kw)
+
+    def whole(x, s):
+        return model(x, s, attention=mask, **kw)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        h = 1e-7
+        fd = (whole(x + h * t_x, s + h * t_s) - whole(x - h * t_x, s - h * t_s)) / (2 * h)
+    assert t_v.abs().max() > 1e-2
+    torch.testing.assert_close(v, whole(x, s), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(t_v, fd, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_forcing_noisy_half_sees_the_clean_frames_before_it():
+    """The packed TF forward's noisy frame t equals a plain forward of [x0_<t, x_t] with the
+    same previous frames: both halves carry the clip's own preceding frames."""
+    model = randomized(CausalDiT(WM))
+    gen = torch.Generator().manual_seed(2)
+    B, T = 1, 3
+    x0 = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    x_s = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    s_B_T = torch.full((B, T), 0.7)
+    batch = obj.pack_teacher_forcing(
+        x0,
+        x_s,
+        s_B_T,
+        chunk_frames=1,
+        tokens_per_frame=WM.tokens_per_frame,
+        prev_B_T_C_H_W=model.previous_frames(x0),
+    )
+    v_tf = batch.velocity(model, None)
+    assert batch.mask == teacher_forcing_mask(T, 1, WM.tokens_per_frame)
+    for t in range(T):
+        seq = torch.cat([x0[:, :t], x_s[:, t : t + 1]], dim=1)
+        s_seq = torch.cat([torch.zeros(B, t), s_B_T[:, t : t + 1]], dim=1)
+        prev = model.previous_frames(torch.cat([x0[:, :t], x0[:, t : t + 1]], dim=1))
+        v = model(
+            seq,
+            s_seq,
+            attention=block_causal_mask(t + 1, 1, WM.tokens_per_frame),
+            prev_B_T_C_H_W=prev,
+        )
+        torch.testing.assert_close(v_tf[:, t], v[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["teacher-tf", "teacher-df", "base", "tf-scm", "tf-dcm"])
+def test_objectives_train_a_frame_conditioned_model(loss):
+    torch.manual_seed(0)
+    student = randomized(CausalDiT(WM)).train().requires_grad_(True)
+    teacher = randomized(CausalDiT(WM), seed=1)
+    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw)
+    actions = torch.randint(0, WM.num_actions, (2, 3))
+    gen = torch.Generator().manual_seed(0)
+    common = dict(actions_B_T=actions, generator=gen)
+    if loss == "teacher-tf":
+        value, _ = obj.tf_teacher_loss(student, x0, change_weight=4.0, **common)
+    elif loss == "teacher-df":
+        value, _ = obj.df_teacher_loss(student, x0, change_weight=4.0, **common)
+    elif loss == "base":
+        value, _ = obj.flow_matching_loss(student, x0, change_weight=4.0, **common)
+    elif loss == "tf-scm":
+        value, _ = obj.tf_scm_loss(student, teacher, x0, step=10, jvp_backend="torch", **common)
+    else:
+        value, _ = obj.tf_dcm_loss(student, teacher, x0, **common)
+    value.backward()
+    grad = student.patch_embedding.weight.grad
+    # The previous-frame channels of the patch embedding learn.
+    assert torch.isfinite(value) and grad[:, WM.in_channels :].abs().sum() > 0
+
+
+def test_change_weights_mark_what_moved():
+    x0 = torch.zeros(1, 3, 1, 8, 8)
+    x0[:, 1:, :, 4, 4] = 1.0  # a pixel appears in frame 1 and stays
+    w = obj.change_weights(x0, 3.0)
+    assert w.shape == (1, 3, 1, 8, 8)
+    assert w[0, 0].max() == 1.0  # the first frame has no predecessor
+    assert w[0, 1, 0, 3:6, 3:6].eq(4.0).all() and w[0, 1].sum() == 64 + 3 * 9  # dilated by 1
+    assert w[0, 2].eq(1.0).all()  # nothing changed from frame 1 to 2
+    assert obj.change_weights(x0, 0.0).item() == 1.0
+
+
+@pytest.fixture(scope="module")
+def world_model() -> Pipeline:
+    pipe = Pipeline.from_config("tiny", seed=0)
+    pipe = Pipeline(
+        model=randomized(CausalDiT(WM)),
+        codec=pipe.codec,
+        sampler=SamplerConfig(chunk_frames=1, window_frames=8),
+        action_names=("NOOP", "FIRE", "RIGHT", "LEFT"),
+        name="tiny-wm",
+    )
+    return pipe
+
+
+@pytest.mark.parametrize("cache_update", [True, False])
+def test_streaming_feeds_the_frames_the_rollout_feeds(world_model, cache_update):
+    """The runtime's stream equals the training rollout (self forcing) for the same seed: the
+    executor keeps each stream's finished frames as the model's previous frames."""
+    smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(2,), cache_update=cache_update)
+    actions = [0, 2, 3, 3, 2, 1]
+    rt = Runtime(world_model, max_streams=2, context_frames=8)
+    session = rt.open(sampler=smp, seed=3, max_frames=len(actions))
+    session.push_actions(actions)
+    rt.run_until_idle()
+    frames = np.stack(session.read())
+    x0 = self_forcing_rollout(
+        world_model.model,
+        smp,
+        1,
+        len(actions),
+        actions_B_T=torch.tensor([actions]),
+        generator=torch.Generator().manual_seed(3),
+    )
+    expected = world_model.codec.decode(x0)[0].numpy()
+    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_frame_conditioned_model_streams_one_frame_per_chunk(world_model):
+    rt = Runtime(world_model, max_streams=1, context_frames=8)
+    with pytest.raises(Exception, match="one frame per chunk"):
+        rt.open(sampler=SamplerConfig(chunk_frames=2), seed=0)
+
+
+def test_a_session_opened_on_context_continues_from_it(world_model):
+    """``open(context=...)`` emits the context as its first frames, and what follows is the
+    model run over the clean context (K/V at s = 0, previous frames from the context)."""
+    pipe = world_model
+    model, codec = pipe.model, pipe.codec
+    K, N = 3, 3
+    gen = np.random.default_rng(0)
+    context = gen.integers(0, 256, (K, *pipe.frame_shape), dtype=np.uint8)
+    ctx_actions, actions = [-1, 1, 2], [3, 2, 0]
+    smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(1,), cache_update=True)
+    rt = Runtime(pipe, max_streams=1, context_frames=8)
+    session = rt.open(
+        sampler=smp, seed=5, max_frames=K + N, context=context, context_actions=ctx_actions
+    )
+    session.push_actions(actions)
+    rt.run_until_idle()
+    frames = np.stack(session.read())
+    assert frames.shape[0] == K + N
+    np.testing.assert_array_equal(frames[:K], context)
+
+    # Reference: full-sequence recomputation with the clean past at s = 0, same noise draws
+    # (the runtime draws one per chunk, context chunks included).
+    noise_gen = torch.Generator().manual_seed(5)
+    past = codec.encode(torch.from_numpy(context)[None])[0]
+    for _ in range(K):
+        torch.randn((1, *pipe.latent_chw), generator=noise_gen)
+    ids = [model.null_action if a < 0 else a for a in ctx_actions + actions]
+    s0 = smp.times[0]
+    for t in range(N):
+        x = torch.randn((1, *pipe.latent_chw), generator=noise_gen)
+        seq = torch.cat([past, x])[None]
+        F = seq.shape[1]
+        s = torch.tensor([[0.0] * (F - 1) + [s0]])
+        prev = model.previous_frames(torch.cat([past, x])[None])
+        with torch.no_grad():
+            v = model(
+                seq,
+                s,
+                actions_B_T=torch.tensor([ids[:F]]),
+                attention=block_causal_mask(F, 1, model.cfg.tokens_per_frame),
+                prev_B_T_C_H_W=prev,
+            )[0, -1:]
+        x0 = x - s0 * v
+        expected = codec.decode(x0[None])[0, 0].numpy()
+        assert np.abs(frames[K + t].astype(int) - expected.astype(int)).max() <= 1
+        past = torch.cat([past, x0])
+
+
+def test_context_is_validated(world_model):
+    rt = Runtime(world_model, max_streams=1, context_frames=8)
+    good = np.zeros((2, *world_model.frame_shape), np.uint8)
+    with pytest.raises(Exception, match="context must be uint8"):
+        rt.open(context=good.astype(np.float32), context_actions=[0, 0])
+    with pytest.raises(Exception, match="one action per context frame"):
+        rt.open(context=good, context_actions=[0])
+    with pytest.raises(Exception, match="needs context frames"):
+        rt.open(context_actions=[0])
+    assert rt.stats()["pages_used"] == 0  # nothing was left behind
+
+
+@pytest.mark.parametrize("cache_update", [True, False])
+def test_rollout_from_context_is_the_runtime_session_opened_on_it(world_model, cache_update):
+    """SF rollouts that start from ground-truth frames (``rollout_context_frames``) see what
+    a session opened with ``context=`` sees: same cache, same previous frames, same noise."""
+    pipe = world_model
+    K, N = 2, 3
+    context = np.random.default_rng(1).integers(0, 256, (K, *pipe.frame_shape), dtype=np.uint8)
+    actions = [1, 2, 3, 3, 2]
+    smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(2,), cache_update=cache_update)
+    rt = Runtime(pipe, max_streams=1, context_frames=8)
+    session = rt.open(
+        sampler=smp, seed=4, max_frames=K + N, context=context, context_actions=actions[:K]
+    )
+    session.push_actions(actions[K:])
+    rt.run_until_idle()
+    frames = np.stack(session.read())
+    ctx = pipe.codec.encode(torch.from_numpy(context)[None])
+    x0 = self_forcing_rollout(
+        pipe.model,
+        smp,
+        1,
+        K + N,
+        actions_B_T=torch.tensor([actions]),
+        generator=torch.Generator().manual_seed(4),
+        context_B_K_C_H_W=ctx,
+    )
+    torch.testing.assert_close(x0[:, :K], ctx)
+    expected = pipe.codec.decode(x0)[0].numpy()
+    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
