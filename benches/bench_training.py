@@ -49,6 +49,8 @@ def _one(size: str, stage: str, quick: bool, device: str) -> dict[str, object]:
         ]
         if stage in DISTILLATION:
             overrides += [f'init="{teacher}"', f'teacher="{teacher}"']
+            if stage == "joint-rcm":  # the DMD term's real score: the same weights stand in
+                overrides.append(f'dmd_teacher="{teacher}"')
         cfg = load_config(None, overrides, stage=stage)
         env = dist_utils.setup(cfg.device)
         st = _Stage(cfg, env)

@@ -401,7 +401,8 @@ class AtariDataset:
 
 
 class AtariClips:
-    """Training clips from an :class:`AtariDataset`, as a ``crcm.training.data`` source.
+    """Training clips from an :class:`AtariDataset`, as a ``crcm.training.data`` source
+    (batches are :class:`crcm.data.batch.Batch`).
 
     Every batch is a pure function of ``(seed, step)`` (resuming needs no iterator state).
     Each clip is ``frames`` consecutive frames of one training episode; the reset frame's
@@ -442,7 +443,7 @@ class AtariClips:
         are drawn for the whole batch, only the selected clips are read."""
         import torch
 
-        from crcm.training.data import Batch
+        from crcm.data.batch import Batch
 
         rng = np.random.default_rng([self.seed, step])
         picks = rng.integers(0, self._cum[-1], batch_size)[rows or slice(None)]

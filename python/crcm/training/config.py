@@ -12,6 +12,17 @@ Stages (design §1.3): ``base`` (stage 0), ``teacher-tf`` / ``teacher-df`` (stag
 ``tf-dcm`` / ``trigflow-scm`` (stage 2), ``sf-dmd`` (stage 3), and the baselines' stages
 ``df-dmd`` (CausVid-style), ``ode-init`` (Self-Forcing's ODE regression) and ``joint-rcm``
 (L_sCM + λ·L_DMD). A recipe is a sequence of stage configs.
+
+Teachers. Every distillation stage names its frozen ``teacher``, guided with ``cfg_scale``: the
+causal teacher for the consistency stages (``tf-scm``, ``tf-dcm``, ``trigflow-scm``) and
+``ode-init``; the DMD real score, usually the bidirectional base model of stage 0, for ``sf-dmd``
+and ``df-dmd`` (their fake score starts as a copy of it). ``joint-rcm`` needs both at once:
+
+    stage = "joint-rcm"
+    teacher = "runs/teacher-tf"      # causal TF teacher: the sCM term (clean context), cfg_scale
+    dmd_teacher = "runs/base"        # bidirectional base: the DMD term's real score (full mask)
+    dmd_cfg_scale = 5.0              #   and its guidance; the fake score starts as a copy of it
+    dmd_weight = 0.01                # λ
 """
 
 from __future__ import annotations
@@ -73,7 +84,12 @@ class TrainConfig:
     out: str = "runs/crcm"
     model: str = "tiny"  # a DiT config name, used when nothing is loaded from `init`
     init: str | None = None  # run folder or pipeline to start the student from
-    teacher: str | None = None  # run folder or pipeline of the teacher (distillation)
+    # run folder or pipeline of the frozen teacher (distillation): the causal teacher of the
+    # consistency stages, ode-init and joint-rcm's sCM term; the DMD real score of sf-dmd/df-dmd
+    teacher: str | None = None
+    # joint-rcm only: the DMD term's real score (the bidirectional base model, queried with the
+    # full mask), also the fake score's initialisation
+    dmd_teacher: str | None = None
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-4
@@ -88,8 +104,23 @@ class TrainConfig:
     # small pixel-space frames with small objects need the low-noise end too: k = 1 (uniform).
     time_shift: float = 5.0  # crcm.sampling.DEFAULT_SHIFT (this module stays free of torch)
     cond_dropout: float = 0.1
+    # Base and teacher stages: each sample loses its actions (→ the null action) with this
+    # probability, so the unconditional branch that guidance distils against is a trained one.
+    action_dropout: float = 0.0
+    # Base and teacher stages: pixels that change from the previous frame weigh 1 + this in the
+    # loss (crcm.training.objectives.change_weights): what moves is a small part of a game frame.
+    change_weight: float = 0.0
+    # Base and teacher stages' loss weight over time: "bell" (0 at s = 0 and s = 1, the paper's
+    # for the TF teacher), "uniform" (the plain v-MSE), "x0" (s², which makes it the squared
+    # error of the clean frame x0̂ = x_s − s·v, the same at every noise level: for an
+    # x0-predicting model the v-MSE would weigh low noise by 1/s², and a 1-step student starts
+    # at s ≈ 1), or "default": bell for teacher-tf, uniform for base and teacher-df.
+    time_weight: Literal["default", "bell", "uniform", "x0"] = "default"
     context_noise: float = 0.0
-    cfg_scale: float | None = None  # 3 for consistency distillation, 5 for DMD by default
+    # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
+    # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
+    cfg_scale: float | None = None
+    dmd_cfg_scale: float | None = None  # joint-rcm only: guidance of `dmd_teacher` (default 5)
     tangent_warmup_steps: int = 1000
     # SF-DMD
     fake_score_updates: int = 5
@@ -97,6 +128,9 @@ class TrainConfig:
     step_schedule: Literal["cycled", "random"] = "cycled"
     max_steps: int = 4
     cache_update: bool = True
+    # Self-forcing rollouts (sf-dmd, joint-rcm) start from this many ground-truth frames of the
+    # clip, as a session opened on context does, and generate the rest (0: from nothing).
+    rollout_context_frames: int = 0
     replay: bool = False
     dmd_weight: float = 0.01  # λ of joint rCM
     # scale: the global batch is cut into micro-batches of `micro_batch_size` samples (default:
@@ -131,6 +165,12 @@ class TrainConfig:
             f"data.frames={self.data.frames} is not a multiple of chunk_frames",
         )
         need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
+        need(0 <= self.action_dropout < 1, "action_dropout must be in [0, 1)")
+        need(self.change_weight >= 0, f"change_weight must be >= 0, got {self.change_weight}")
+        need(
+            self.time_weight in ("default", "bell", "uniform", "x0"),
+            f'time_weight must be "default", "bell", "uniform" or "x0", got {self.time_weight!r}',
+        )
         need(self.time_shift > 0, f"time_shift must be positive, got {self.time_shift}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
         need(1 <= self.max_steps <= 4, "max_steps must be between 1 and 4")
@@ -139,6 +179,12 @@ class TrainConfig:
             f'precision must be "fp32" or "bf16", got {self.precision!r}',
         )
         need(self.sample_every >= 0, "sample_every must be >= 0 (0 = no samples)")
+        need(
+            0 <= self.rollout_context_frames < self.data.frames
+            and self.rollout_context_frames % self.chunk_frames == 0,
+            f"rollout_context_frames={self.rollout_context_frames} must be a multiple of "
+            f"chunk_frames below data.frames={self.data.frames}",
+        )
         if self.micro_batch_size is not None:
             need(
                 self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
@@ -147,6 +193,26 @@ class TrainConfig:
             )
         if self.stage in DISTILLATION:
             need(self.teacher is not None, f"stage {self.stage} needs a teacher")
+        if self.stage == "joint-rcm":
+            need(
+                self.dmd_teacher is not None,
+                "stage joint-rcm needs a dmd_teacher (the bidirectional base model that scores "
+                "the DMD term) besides its teacher (the causal teacher of the sCM term)",
+            )
+            need(self.dmd_weight >= 0, f"dmd_weight must be >= 0, got {self.dmd_weight}")
+        else:
+            for name in ("dmd_teacher", "dmd_cfg_scale"):
+                need(
+                    getattr(self, name) is None,
+                    f"{name} is a setting of stage joint-rcm only; stage {self.stage} "
+                    + (
+                        "scores DMD with its teacher (and its cfg_scale)"
+                        if self.stage in DMD
+                        else "has no DMD term"
+                    ),
+                )
+        if self.stage in DMD:
+            need(self.fake_score_updates >= 1, "fake_score_updates must be >= 1")
         if self.betas is not None:
             need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "bad betas")
 
@@ -158,9 +224,19 @@ class TrainConfig:
 
     @property
     def guidance(self) -> float:
+        """Guidance of ``teacher``: ``cfg_scale``, else 5 when the teacher is a DMD real score
+        (sf-dmd, df-dmd) and 3 otherwise (consistency distillation, ode-init, joint-rcm's sCM)."""
         if self.cfg_scale is not None:
             return self.cfg_scale
-        return 5.0 if self.stage in DMD else 3.0
+        return 5.0 if self.stage in ("sf-dmd", "df-dmd") else 3.0
+
+    @property
+    def dmd_guidance(self) -> float:
+        """Guidance of the DMD real score: ``teacher``'s for sf-dmd / df-dmd, ``dmd_teacher``'s
+        (``dmd_cfg_scale``, default 5) for joint-rcm."""
+        if self.stage != "joint-rcm":
+            return self.guidance
+        return 5.0 if self.dmd_cfg_scale is None else self.dmd_cfg_scale
 
 
 RECIPES = Path(__file__).parent / "recipes"

@@ -9,28 +9,18 @@ needs to load them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from crcm.codec import Codec
+from crcm.data.batch import Batch  # the data layer owns the type; re-exported here
 from crcm.errors import ConfigError
 from crcm.models.configs import DiTConfig
 from crcm.training.config import DataConfig
 
-
-@dataclass
-class Batch:
-    x0_B_T_C_H_W: Tensor
-    cond: Tensor | None
-    actions_B_T: Tensor | None
-
-    def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.x0_B_T_C_H_W), move(self.cond), move(self.actions_B_T))
+__all__ = ["Batch", "DataSource", "MovingSquares", "make_source"]
 
 
 class DataSource(Protocol):

@@ -140,15 +140,25 @@ class _Stage:
             )
         self.student = self.pipeline.model.to(device).train()
         self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
-        self.teacher = None
-        if cfg.teacher is not None:
-            self.teacher = load_stage_model(cfg.teacher).model.to(device).eval()
-            self.teacher.requires_grad_(False)
-            if self.teacher.cfg != self.student.cfg:
-                raise ConfigError("the teacher and the student must share one DiT config")
+
+        def frozen(path: str | None, what: str) -> torch.nn.Module | None:
+            if path is None:
+                return None
+            model = load_stage_model(path).model.to(device).eval().requires_grad_(False)
+            if model.cfg != self.student.cfg:
+                raise ConfigError(f"the {what} and the student must share one DiT config")
+            return model
+
+        # The frozen teachers: `teacher` (the causal teacher, or for sf-dmd / df-dmd the DMD
+        # real score) and, for joint rCM, `dmd_teacher` (the bidirectional base model that scores
+        # the DMD term while the causal teacher scores the sCM term).
+        self.teacher = frozen(cfg.teacher, "teacher")
+        self.dmd_teacher = frozen(cfg.dmd_teacher, "dmd_teacher")
+        # The DMD real score, queried with the full mask; the fake score starts as a copy of it.
+        self.real_score = self.dmd_teacher if cfg.stage == "joint-rcm" else self.teacher
         self.fake_score = None
         if cfg.stage in DMD:
-            self.fake_score = sf.fake_score_from_teacher(self.teacher).train()
+            self.fake_score = sf.fake_score_from_teacher(self.real_score).train()
         if env.distributed:
             # Shard before the optimisers exist: they must hold the DTensor shards. The frozen
             # teacher stays replicated (see crcm.training.distributed).
@@ -260,9 +270,17 @@ class _Stage:
         common = {"cond": batch.cond, "actions_B_T": batch.actions_B_T, "generator": gen}
         x0 = batch.x0_B_T_C_H_W
         logs: dict[str, Tensor] = {}
+        weights = {"bell": obj.bell_weight, "uniform": None, "x0": obj.x0_weight}
+        default = "bell" if cfg.stage == "teacher-tf" else "uniform"
+        teacher_terms = {
+            "cond_dropout": cfg.cond_dropout,
+            "action_dropout": cfg.action_dropout,
+            "change_weight": cfg.change_weight,
+            "weight": weights[default if cfg.time_weight == "default" else cfg.time_weight],
+        }
         if cfg.stage == "base":
             loss, logs = obj.flow_matching_loss(
-                student, x0, cond_dropout=cfg.cond_dropout, shift=cfg.time_shift, **common
+                student, x0, shift=cfg.time_shift, **teacher_terms, **common
             )
         elif cfg.stage in ("teacher-tf", "teacher-df"):
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
@@ -271,8 +289,8 @@ class _Stage:
                 student,
                 x0,
                 chunk_frames=cfg.chunk_frames,
-                cond_dropout=cfg.cond_dropout,
                 shift=cfg.time_shift,
+                **teacher_terms,
                 **extra,
                 **common,
             )
@@ -284,12 +302,17 @@ class _Stage:
                 x0,
                 step=step,
                 chunk_frames=cfg.chunk_frames,
-                cfg_scale=3.0 if cfg.stage == "joint-rcm" else cfg.guidance,
+                cfg_scale=cfg.guidance,
                 tangent_warmup_steps=cfg.tangent_warmup_steps,
                 context_noise=cfg.context_noise,
                 **common,
             )
             if cfg.stage == "joint-rcm":
+                # L = L_sCM + λ·L_DMD. The sCM term above: the causal teacher under teacher
+                # forcing (clean context), guidance cfg_scale. The DMD term: SF-DMD on a
+                # grad-carrying self-forced rollout, real score = the bidirectional teacher
+                # (dmd_teacher) with the full mask and dmd_cfg_scale, against the fake score.
+                # Noise continues from the same generator, after the sCM term's draws.
                 rollout = sf.self_forcing_rollout(
                     student,
                     self._sampler_for(step, x0.shape[1]),
@@ -298,12 +321,19 @@ class _Stage:
                     cond=batch.cond,
                     actions_B_T=batch.actions_B_T,
                     generator=gen,
+                    context_B_K_C_H_W=self._rollout_context(x0),
                 )
                 dmd = sf.sf_dmd_loss(
-                    rollout, self.teacher, self.fake_score, cfg_scale=cfg.guidance, **common
+                    rollout,
+                    self.real_score,
+                    self.fake_score,
+                    cfg_scale=cfg.dmd_guidance,
+                    attention=None,  # full mask: the bidirectional teacher's own
+                    **common,
                 )
-                logs = {**logs, "dmd": dmd.detach()}
-                loss = loss + cfg.dmd_weight * dmd
+                scm = loss
+                loss = scm + cfg.dmd_weight * dmd
+                logs = {**logs, "loss": loss.detach(), "scm": scm.detach(), "dmd": dmd.detach()}
         elif cfg.stage == "tf-dcm":
             loss, logs = obj.tf_dcm_loss(
                 student,
@@ -324,6 +354,7 @@ class _Stage:
                 x0.shape[1],
                 cfg_scale=cfg.guidance,
                 replay=cfg.replay,
+                context_B_K_C_H_W=self._rollout_context(x0),
                 **common,
             )
         elif cfg.stage == "df-dmd":
@@ -359,6 +390,12 @@ class _Stage:
             raise ConfigError(f"unknown stage {cfg.stage}")
         return loss, logs
 
+    def _rollout_context(self, x0_B_T_C_H_W: Tensor) -> Tensor | None:
+        """The ground-truth frames a self-forcing rollout starts from (``rollout_context_frames``
+        of the clip), or None: roll out from nothing."""
+        n = self.cfg.rollout_context_frames
+        return x0_B_T_C_H_W[:, :n] if n else None
+
     def _sampler_for(self, step: int, frames: int) -> SamplerConfig:
         num_chunks = frames // self.cfg.chunk_frames
         return self.sampler(self.schedule.steps(step, num_chunks))
@@ -390,6 +427,7 @@ class _Stage:
                     cond=batch.cond,
                     actions_B_T=batch.actions_B_T,
                     generator=gen,
+                    context_B_K_C_H_W=self._rollout_context(x0),
                 )
             else:
                 samples = sf.diffusion_forcing_outputs(
@@ -451,6 +489,8 @@ class _Stage:
         frames = cfg.data.frames
         if cfg.stage in TEACHER_STAGES:
             chunk = frames if cfg.stage == "base" else cfg.chunk_frames
+            if model.cfg.prev_frames:  # a frame-conditioned model streams frame by frame
+                chunk = 1
             preset = get_preset("teacher", SAMPLE_EULER_STEPS, shift=cfg.time_shift)
             sampler = replace(preset, chunk_frames=chunk)
         else:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from play_helpers import play_server, recv_json, responsive_pipeline, wait_until
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+import crcm.serve.app
 from crcm.errors import ConfigError
 from crcm.serve.app import (
     CLOSE_POLICY,
@@ -269,8 +272,56 @@ def test_page_static_and_info(srv):
     assert all(r["running"] for r in info["runtimes"].values())
 
 
-def test_frame_header_layout():
-    assert FRAME_HEADER.size == 20  # documented in docs/play.md and parsed by play.js
+# The binary frame header as docs/play.md documents it: (offset, type, field). Little-endian.
+HEADER_LAYOUT = [
+    (0, "u16", "header size"),
+    (2, "u8", "channels"),
+    (3, "u8", "action"),
+    (4, "u16", "height"),
+    (6, "u16", "width"),
+    (8, "u32", "index"),
+    (12, "u32", "seq"),
+    (16, "u32", "latency"),
+]
+_BYTES = {"u8": 1, "u16": 2, "u32": 4}
+
+
+def test_frame_header_layout(srv):
+    """A real frame message from the server, read byte by byte at the offsets docs/play.md
+    documents (little-endian, pixels right after a 20-byte header); play.js reads the same
+    offsets with the same widths."""
+    root = Path(__file__).resolve().parents[3]
+    doc = (root / "docs" / "play.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (u8|u16|u32) \| (.+) \|$", doc, flags=re.MULTILINE)
+    assert [(int(o), t) for o, t, _ in rows] == [(o, t) for o, t, _ in HEADER_LAYOUT]
+    js = (Path(crcm.serve.app.__file__).parent / "static" / "play.js").read_text()
+    reads = re.findall(r"view\.getUint(8|16|32)\((\d+)(, true)?\)", js)
+    assert [(int(o), f"u{bits}") for bits, o, _ in reads] == [(o, t) for o, t, _ in HEADER_LAYOUT]
+    assert all(little for bits, _, little in reads if bits != "8")  # little-endian
+
+    seq = 0x01020304  # a u32 whose four bytes differ: a wrong width or byte order shows
+    with _connect(srv) as ws:
+        recv_json(ws, "session")
+        _frames(ws, 2)  # a few frames in: the index is not 0 any more
+        ws.send(json.dumps({"type": "action", "action": "LEFT", "seq": seq}))
+        deadline = time.monotonic() + 20
+        while True:
+            msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, bytes) and msg[3] == 3:  # generated with LEFT
+                break
+    field = {
+        name.split()[0]: int.from_bytes(msg[o : o + _BYTES[t]], "little")
+        for o, t, name in HEADER_LAYOUT
+    }
+    assert field["header"] == 20 == FRAME_HEADER.size
+    assert (field["channels"], field["height"], field["width"]) == (1, 16, 16)
+    assert field["action"] == 3 and field["seq"] == seq and field["index"] >= 2
+    assert 0 < field["latency"] < 60_000_000
+    assert len(msg) == 20 + 16 * 16 * 1  # the pixels follow the header, nothing else
+    fields, pixels = decode_frame(msg)
+    assert pixels.tobytes() == msg[20:]
+    assert (fields["index"], fields["input_seq"]) == (field["index"], field["seq"])
+    _idle(srv)
 
 
 def test_untrained_fallback_is_labelled():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -172,7 +173,9 @@ def test_generate_validates_and_yields_frames(pipe):
 
 def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset(tmp_path):
     """A checkpoint in the original Wan naming, wrapped like a Self-Forcing release, loads and
-    streams c3-3 with the release's sampler on crcm's runtime."""
+    streams c3-3 with the release's sampler on crcm's runtime: chunks of 3 frames, 4 steps at
+    the release's warped times 1000/750/500/250 → s' = 5s/(1 + 4s), a clean cache-update pass
+    after every chunk, written out here rather than taken from get_preset."""
     from safetensors.torch import save_file
 
     from crcm.models import CausalDiT, get_config
@@ -182,6 +185,8 @@ def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset
         cond="text", text_dim=8, text_len=4, num_classes=0, class_tokens=0, num_actions=0
     )
     source = CausalDiT(cfg)
+    with torch.no_grad():  # a non-zero output head, so that frames depend on the sampler
+        source.head.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     wan = convert_state_dict(source.state_dict(), src="crcm", dst="wan")
     wan = {f"generator_ema.model.{k}": v.contiguous() for k, v in wan.items()}
     save_file(wan, tmp_path / "release.safetensors")
@@ -192,11 +197,41 @@ def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset
     for name, tensor in source.state_dict().items():
         if not name.startswith("null_text"):  # crcm-only: not in Wan checkpoints
             assert torch.equal(pipe.model.state_dict()[name], tensor), name
-    assert pipe.sampler == get_preset("self-forcing")
-    rt = Runtime(pipe, max_streams=1, context_frames=9)
-    session = rt.open(cond=torch.randn(4, 8), seed=0, max_frames=6)
-    rt.run_until_idle()
-    assert len(session.read()) == 6
+    release = SamplerConfig(
+        kind="consistency",
+        chunk_frames=3,
+        steps_per_chunk=(4,),
+        times=(1.0, 0.9375, 5 / 6, 0.625),
+        cache_update=True,
+    )
+    got = pipe.sampler
+    assert (got.kind, got.chunk_frames, got.steps_per_chunk, got.cache_update) == (
+        "consistency", 3, (4,), True,
+    )  # fmt: skip
+    np.testing.assert_allclose(got.times, release.times, rtol=1e-6)
+
+    def frames(sampler):
+        rt = Runtime(pipe, max_streams=1, context_frames=9)
+        chunks = []
+        run_group = rt.executor._run_group
+
+        def recording(plan, items, T):
+            chunks.append(T)
+            run_group(plan, items, T)
+
+        rt.executor._run_group = recording
+        text = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        session = rt.open(sampler=sampler, cond=text, seed=0, max_frames=6)
+        rt.run_until_idle()
+        return session.read(), chunks
+
+    streamed, chunks = frames(None)  # the pipeline's default sampler
+    assert len(streamed) == 6 and set(chunks) == {3}  # c3-3: every forward is a 3-frame chunk
+    assert len(chunks) == 2 * (4 + 1)  # 2 chunks × (4 steps + the clean cache-update pass)
+    expected, _ = frames(release)
+    assert all(np.array_equal(a, b) for a, b in zip(streamed, expected, strict=True))
+    other, _ = frames(dataclasses.replace(release, steps_per_chunk=(2,)))
+    assert not all(np.array_equal(a, b) for a, b in zip(streamed, other, strict=True))
     with pytest.raises(ConfigError, match="pickle"):
         Pipeline.from_checkpoint(tmp_path / "model.pt")
 

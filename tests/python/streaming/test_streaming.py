@@ -200,23 +200,42 @@ def test_cfg_combines_conditional_and_unconditional_branches(pipe):
     assert runtime.stats()["streams"] == 0  # nothing was left half-open
 
 
+def streams_per_plan(runtime: Runtime) -> list[int]:
+    """Records, for every plan the runtime runs, how many distinct streams it carries."""
+    widths: list[int] = []
+    run_plan = runtime.executor.run
+
+    def counting_run(plan):
+        widths.append(len({int(i) for i in plan.stream_ids}))
+        run_plan(plan)
+
+    runtime.executor.run = counting_run
+    return widths
+
+
 def test_batched_streams_equal_each_stream_alone(pipe):
     sampler = SamplerConfig(chunk_frames=1, steps_per_chunk=(2, 1), sink_frames=1, window_frames=3)
     specs = [(0, 1, [0, 1, 2, 3, 0, 1]), (1, 2, [3, 3, 2, 2, 1, 1]), (2, 0, [1, 0, 1, 0, 1, 0])]
+    alone_rt = Runtime(pipe, max_streams=4)
+    alone = streams_per_plan(alone_rt)
+    alone_rt.open(sampler=sampler, cond=0, seed=1).push_actions(specs[0][2])
+    alone_rt.run_until_idle()
+    assert alone and set(alone) == {1}
     rt = Runtime(pipe, max_streams=4)
     latents = record_latents(rt)
+    together = streams_per_plan(rt)
     sessions = []
     for cond, seed, actions in specs:
         s = rt.open(sampler=sampler, cond=cond, seed=seed)
         s.push_actions(actions)
         sessions.append(s)
-    plans = 0
-    while rt.step():
-        plans += 1
-    assert plans < 3 * 6 * 2 + 6  # the streams really ran together
+    rt.run_until_idle()
+    # The streams really ran together: same schedule, same start, so each of the plans one
+    # stream needs alone carries all three.
+    assert together == [3] * len(alone)
     for session, (cond, seed, actions) in zip(sessions, specs, strict=True):
-        alone, _, _ = stream(pipe, sampler, 6, actions, cond, seed)
-        assert max_diff(latents[session.id], alone) < TOL
+        single, _, _ = stream(pipe, sampler, 6, actions, cond, seed)
+        assert max_diff(latents[session.id], single) < TOL
 
 
 def test_fork_equals_fresh_stream_with_the_same_prefix(pipe):

@@ -371,6 +371,70 @@ def test_tf_scm_zeroes_samples_with_a_non_finite_teacher():
     assert all(torch.isfinite(p.grad).all() for p in student.parameters())
 
 
+def _on_clean_context(model, x0, x_noisy, s_B, cond, actions):
+    """Teacher forcing by its definition: frame i's velocity from the causal model run on
+    [clean frames < i | noisy frame i] (one frame per chunk), one forward per frame."""
+    B, T = x0.shape[:2]
+    out = []
+    for i in range(T):
+        x_in = torch.cat([x0[:, :i], x_noisy[:, i : i + 1]], dim=1)
+        s_in = torch.cat([torch.zeros(B, i, dtype=x0.dtype), s_B[:, None]], dim=1)
+        v = model(
+            x_in, s_in, cond=cond, actions_B_T=actions[:, : i + 1],
+            attention=block_causal_mask(i + 1, 1, TPF),
+        )  # fmt: skip
+        out.append(v[:, -1:])
+    return torch.cat(out, dim=1)
+
+
+def test_tf_dcm_target_is_one_teacher_euler_step_by_hand():
+    """TF-dCM's target, computed by hand on the 48-point grid s_i = 3u/(1 + 2u), u = 1 − i/48,
+    then s_48 = 0: from s_n the guided teacher (CFG 3, clean context) takes one Euler step,
+    x_{n+1} = x_n + (s_{n+1} − s_n)·v_T, and the target is the student's denoiser there
+    (no gradient), x_{n+1} − s_{n+1}·v_θ(x_{n+1}); at the last grid point the step lands on
+    s = 0 and the target is the teacher's own denoised x_n − s_n·v_T (the boundary condition).
+    Loss 100·Σ_frames mean_{C,H,W}(x0̂_θ − target)², mean over samples; its value and gradient
+    must match tf_dcm_loss with sample 0 at an interior point and sample 1 at the boundary."""
+    student, teacher, x0, noise, _, cond, actions = _consistency_setup()
+    N = 48
+    u = 1 - torch.arange(N, dtype=torch.float64) / N
+    grid = torch.cat([3 * u / (1 + 2 * u), torch.zeros(1, dtype=torch.float64)])
+    n_B = torch.tensor([17, N - 1])
+    s, s_next = grid[n_B], grid[n_B + 1]
+    assert s_next[1] == 0 and 0 < s_next[0] < s[0] < 1
+    col = lambda v: v[:, None, None, None, None]  # noqa: E731
+    x_s = (1 - col(s)) * x0 + col(s) * noise
+    null = torch.full_like(cond, teacher.null_class)
+    with torch.no_grad():
+        v_c = _on_clean_context(teacher, x0, x_s, s, cond, actions)
+        v_u = _on_clean_context(teacher, x0, x_s, s, null, actions)
+        v_teacher = v_u + 3.0 * (v_c - v_u)
+        x_next = x_s + col(s_next - s) * v_teacher
+        v_next = _on_clean_context(student, x0, x_next, s_next, cond, actions)
+        target = torch.stack(
+            [
+                x_next[0] - s_next[0] * v_next[0],  # the student one teacher step later
+                x_s[1] - s[1] * v_teacher[1],  # s = 0 reached: the teacher's denoised x_n
+            ]
+        )
+    student.zero_grad()
+    x0_hat = x_s - col(s) * _on_clean_context(student, x0, x_s, s, cond, actions)
+    want = 100 * (x0_hat - target).square().mean((2, 3, 4)).sum(1).mean()
+    want.backward()
+    want_grads = [p.grad.clone() for p in student.parameters()]
+
+    student.zero_grad()
+    loss, _ = tf_dcm_loss(
+        student, teacher, x0, chunk_frames=1, cond=cond, actions_B_T=actions, cfg_scale=3.0,
+        n_B=n_B, noise_B_T_C_H_W=noise,
+    )  # fmt: skip
+    loss.backward()
+    assert float(want.detach()) > 1.0  # the student is far from the target: a meaningful check
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-10, atol=0)
+    for got, w in zip((p.grad for p in student.parameters()), want_grads, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-8, atol=1e-12)
+
+
 # -- training on moving squares -------------------------------------------------------------------
 
 
