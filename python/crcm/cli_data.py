@@ -76,6 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from crcm.eval.harness import CopyLastFrame, EvalConfig, evaluate, load_model
+    from crcm.eval.targets import describe
 
     model = load_model(
         args.model, steps=args.steps, sampler=args.sampler, shift=args.shift, name=args.name
@@ -90,6 +91,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         starts_per_episode=args.starts,
         context_frames=args.context,
         horizons=args.horizons,
+        control_horizon=args.control_horizon,
         frameskip=args.frameskip,
         frame_hw=frame_hw,
         max_steps=args.max_steps,
@@ -108,6 +110,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"h{hz} PSNR {stats['psnr']:.1f} dyn {'-' if dyn is None else f'{dyn:.1f}'}"
             )
         print(f"{name}: " + ", ".join(cells))
+        for line in describe(res):
+            print(f"  {line}")
     print(f"{report['windows']} windows; results written to {args.out}")
     return 0
 
@@ -160,8 +164,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="measure a world model against the Breakout emulator",
         description="From k ground-truth context frames of held-out episodes and their real "
         "actions, generates the next frames and compares them with the emulator's at several "
-        "horizons: PSNR/SSIM (whole frame and dynamic region), paddle/ball/brick accuracy and "
-        "controllability, always beside the copy-last-frame baseline.",
+        "horizons: PSNR/SSIM (whole frame and dynamic region) and paddle/ball/brick accuracy; "
+        "plays LEFT held, RIGHT held and LEFT/RIGHT alternating from the same starts in the "
+        "emulator and the model (paddle error, action sensitivity, direction agreement beside "
+        "a shuffled-action control, paddle/ball found as one object, the teacher-forced context "
+        "check) and reports the world-model targets met or failed, always beside the "
+        "copy-last-frame baseline.",
     )
     p.add_argument(
         "--model", required=True, help="pipeline folder, shipped model name, or copy-last-frame"
@@ -171,6 +179,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--starts", type=_positive, default=2, help="windows per episode (2)")
     p.add_argument("--context", type=_positive, default=8, help="context frames k (8)")
     p.add_argument("--horizons", type=_ints, default=(1, 8, 32, 128), help="(1,8,32,128)")
+    p.add_argument(
+        "--control-horizon",
+        type=_positive,
+        default=32,
+        help="steps of the scripted LEFT/RIGHT/alternating rollouts (32)",
+    )
     p.add_argument("--steps", type=_positive, help="sampling steps (the pipeline's default)")
     p.add_argument(
         "--sampler",
@@ -203,8 +217,10 @@ def add_eval_table_parser(sub) -> argparse.ArgumentParser:
         help="compare the models of several `crcm eval` reports in one table and plot",
         description="Merges `crcm eval` JSON reports made on the same held-out windows (one "
         "model each, plus the copy-last-frame baseline they all hold) and prints one Markdown "
-        "table with a row per model: dynamic-region and whole-frame PSNR, paddle/ball errors in "
-        "native Atari pixels, left/right controllability and drift. Optionally writes the table "
+        "table with a row per model: dynamic-region and whole-frame PSNR and drift, then a "
+        "second with the scripted-action and object metrics (paddle error, action sensitivity, "
+        "direction agreement and its shuffled control, paddle/ball found, ball error, the "
+        "context check) marked against the world-model targets. Optionally writes the tables "
         "and an SVG plot of metrics against the horizon.",
     )
     p.add_argument("reports", nargs="+", type=Path, metavar="REPORT.json", help="crcm eval output")

@@ -47,6 +47,11 @@ RAM_PADDLE_X, RAM_BALL_X, RAM_BALL_Y = 72, 99, 101
 PADDLE_ROWS = (189.0, 193.0)
 BALL_HW = (4.0, 2.0)
 PADDLE_W = 16.0
+PADDLE_MIN_W, PADDLE_MAX_W = 5.0, 24.0  # visible width: at a wall / with the ball beside it
+FIELD_TOP = 32.0  # below the top wall
+WALL_GREY, WALL_TEAL = (142.0, 142.0, 142.0), (66.0, 158.0, 130.0)  # side walls; teal by the paddle
+OBJECT_RED = np.array([200.0, 72.0, 72.0], np.float32)  # the ball's and the paddle's colour
+RED_SPAN = float(OBJECT_RED[0] - OBJECT_RED[1])  # their redness R − G when fully covered
 PLAY_X = (8.0, 152.0)  # inside the side walls
 RED_BRICK_ROWS = (57.0, 75.0)  # red and orange brick rows: ball not searched there
 BRICK_TOP, BRICK_H, BRICK_W, BRICK_ROWS, BRICK_COLS = 57, 6, 8, 6, 18
@@ -84,10 +89,33 @@ def ram_objects(ram: np.ndarray) -> tuple[float, tuple[float, float] | None]:
     return (lo + hi) / 2, ball
 
 
-def _redness(frame_H_W_C: np.ndarray) -> np.ndarray:
-    """``float32 [H, W]``: max(R − G, 0); positive only for the ball, paddle and red bricks."""
-    f = frame_H_W_C.astype(np.float32)
-    return np.clip(f[..., 0] - f[..., 1], 0.0, None)
+def _runs(on_W: np.ndarray) -> list[tuple[int, int]]:
+    """``[(start, stop), …]`` of the runs of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], on_W.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _components(on_H_W: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """8-connected components of a sparse mask as ``(ys, xs)`` index arrays (few pixels: the
+    callers give up before flooding a noisy frame)."""
+    ys, xs = np.nonzero(on_H_W)
+    left = set(zip(ys.tolist(), xs.tolist(), strict=True))
+    out = []
+    while left:
+        stack = [left.pop()]
+        blob = list(stack)
+        while stack:
+            y, x = stack.pop()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    p = (y + dy, x + dx)
+                    if p in left:
+                        left.remove(p)
+                        stack.append(p)
+                        blob.append(p)
+        arr = np.array(blob)
+        out.append((arr[:, 0], arr[:, 1]))
+    return out
 
 
 class BreakoutDetector:
@@ -97,9 +125,14 @@ class BreakoutDetector:
         frame_hw: the frames' size (h, w), area-resized from the native 210 × 160.
     """
 
-    # Redness of a fully covered pixel is 128 (200 − 72). The ball's faintest pixel at 64×64
-    # is about 0.24 covered (≈31 redness); 12 stays well above uint8 noise of a good model.
-    BALL_THRESHOLD = 12.0
+    # Red coverage: a fully covered pixel has redness 128 (200 − 72). The ball's brightest
+    # pixel at 64×64 is at least 0.24 covered (≈31 redness) wherever it sits: a blob needs a
+    # peak of 0.2 and grows over pixels of 0.1 (≈13, above the uint8 noise of a good model).
+    BALL_ALPHA, BALL_PEAK = 0.1, 0.2
+    # How far (per channel, grey levels) a pixel may be from a mix of the objects' red and
+    # black before it counts as clutter, and the most a pixel can be "covered" by red.
+    COLOUR_TOL = 32.0
+    MAX_ALPHA = 1.25
 
     def __init__(self, frame_hw: tuple[int, int]) -> None:
         self.frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
@@ -119,8 +152,47 @@ class BreakoutDetector:
         self._ball_cols = in_play
         self._play_cols = (col_hi > PLAY_X[0]) & (col_lo < PLAY_X[1])
         self._brick_solver()
-        # Expected redness mass of a full paddle in frame pixels (for presence).
-        self._paddle_mass = 128.0 * PADDLE_W * 4.0 * self.sx * self.sy
+        # The paddle rows with one row above and one below (the check that the paddle is not
+        # part of a taller shape), as indices into the frame.
+        band = self._paddle_rows
+        self._paddle_band = np.concatenate(
+            [[max(band[0] - 1, 0)], band, [min(band[-1] + 1, h - 1)]]
+        )
+        # Red coverage of one fully covered paddle column, summed over the paddle rows, and how
+        # many off-colour pixels the paddle rows may hold before they count as unreadable.
+        self._paddle_col_mass = (PADDLE_ROWS[1] - PADDLE_ROWS[0]) * self.sy
+        self._paddle_bg = self._wall_redness()[self._paddle_band]
+        self._paddle_clutter = max(1, int(0.03 * len(band) * in_play.sum()))
+        # The ball: its red coverage in frame pixels, how many pixels it can touch, and the
+        # largest box (rows, columns) it can span with a pixel of blur.
+        self._ball_mass = BALL_HW[0] * BALL_HW[1] * self.sx * self.sy
+        box_h, box_w = int(np.ceil(BALL_HW[0] * self.sy)), int(np.ceil(BALL_HW[1] * self.sx))
+        self._ball_pixels = (box_h + 1) * (box_w + 1)
+        self._ball_box = (box_h + 2, box_w + 2)
+        self._ball_search = self._ball_rows[:, None] & in_play[None, :]
+        # The open playfield (black in every real frame): rows between the top wall and the
+        # bricks and between the bricks and the paddle, inside the side walls.
+        open_rows = ((row_lo >= FIELD_TOP) & (row_hi <= BRICK_TOP)) | (
+            (row_lo >= BRICK_TOP + BRICK_ROWS * BRICK_H) & (row_hi <= PADDLE_ROWS[0])
+        )
+        self._open_field = open_rows[:, None] & in_play[None, :]
+        self._field_clutter = max(2, int(0.0025 * self._open_field.sum()))
+
+    def _wall_redness(self) -> np.ndarray:
+        """``float [h, w]``: the signed red coverage (R − G) / 128 that the side walls alone
+        give each frame pixel. The columns straddling a wall mix its colour into whatever is
+        drawn beside it: the right wall is red beside the paddle rows (it would read as paddle)
+        and the left one teal (it would hide part of the paddle), so the paddle reading takes
+        this away before it measures anything."""
+        native = np.zeros((*NATIVE_HW, 3), np.float64)
+        left, right = slice(0, int(PLAY_X[0])), slice(int(PLAY_X[1]), NATIVE_HW[1])
+        native[int(FIELD_TOP) : int(PADDLE_ROWS[0]), left] = WALL_GREY
+        native[int(FIELD_TOP) : int(PADDLE_ROWS[0]), right] = WALL_GREY
+        native[int(PADDLE_ROWS[0]) : int(PADDLE_ROWS[0]) + 7, left] = WALL_TEAL
+        native[int(PADDLE_ROWS[0]) : int(PADDLE_ROWS[0]) + 6, right] = OBJECT_RED
+        rows = np.einsum("yY,YXc->yXc", self._wy, native)
+        frame = np.einsum("xX,yXc->yxc", self._wx, rows)
+        return (frame[..., 0] - frame[..., 1]) / RED_SPAN
 
     # -- bricks: linear unmixing ----------------------------------------------------------------
 
@@ -162,41 +234,96 @@ class BreakoutDetector:
         return int((self.brick_weights(frame_H_W_C) > 0.5).sum())
 
     # -- paddle and ball ---------------------------------------------------------------------
+    #
+    # Both are found only as ONE compact object of the right colour and size in a clean part of
+    # the screen, or not at all: a detector that returns *something* on any frame makes a
+    # world model that draws speckle look as if it drew a paddle (issue 16). A frame pixel is
+    # read as a mix of the object's red and the background: its coverage is alpha = (R − G) /
+    # 128 (the walls, score and the non-red bricks have R − G ≤ 0, so they do not add to it),
+    # and what is left after taking alpha × red away must be background. In the paddle rows and
+    # the open playfield the background is black, so anything else there (a speck of another
+    # colour, a pixel redder than the red itself) is clutter.
+
+    def _alpha(
+        self, frame_H_W_C: np.ndarray, wall_H_W: np.ndarray | float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(alpha [H, W], foreign [H, W])``: red coverage of each pixel (less the walls'
+        ``wall_H_W``) and whether the pixel is *not* a mix of the objects' red and black
+        (within ``COLOUR_TOL`` per channel; meaningful away from the walls)."""
+        f = frame_H_W_C.astype(np.float32)
+        alpha = np.clip((f[..., 0] - f[..., 1]) / RED_SPAN - wall_H_W, 0.0, None)
+        rest = f - alpha[..., None] * OBJECT_RED
+        foreign = (np.abs(rest) > self.COLOUR_TOL).any(-1) | (alpha > self.MAX_ALPHA)
+        return alpha, foreign
 
     def paddle_x(self, frame_H_W_C: np.ndarray) -> float | None:
-        """Visible paddle centre x (native pixels), or None when no paddle is drawn."""
-        red = _redness(frame_H_W_C[self._paddle_rows])
-        mass_W = red.sum(0) * self._play_cols
-        if mass_W.sum() < 0.25 * self._paddle_mass:
+        """Visible paddle centre x (native pixels), or None unless the paddle rows hold exactly
+        one compact paddle-sized red object (a ball-sized one beside it is allowed) and
+        nothing else."""
+        alpha, foreign = self._alpha(frame_H_W_C[self._paddle_band], self._paddle_bg)
+        band, above, below = alpha[1:-1], alpha[0], alpha[-1]
+        # Clutter is judged in the columns fully inside the walls; the two columns that straddle
+        # a wall mix in its colour, so there only the red coverage is read.
+        foreign = foreign[1:-1] & self._ball_cols
+        if foreign.sum() > self._paddle_clutter:
+            return None  # the paddle rows are not clean: no single object can be read there
+        band = np.where(foreign, 0.0, np.minimum(band, 1.0))
+        mass_W = band.sum(0) * self._play_cols  # alpha-mass per column, in frame pixels
+        runs = _runs(mass_W > 0.3 * self._paddle_col_mass)
+        if not runs:
             return None
-        # The heaviest contiguous run of columns: a ball next to the paddle is a separate run.
-        on = mass_W > 0.15 * mass_W.max()
-        best, best_mass, start = None, 0.0, None
-        for x in range(len(on) + 1):
-            if x < len(on) and on[x]:
-                start = x if start is None else start
-            elif start is not None:
-                lo, hi = max(start - 1, 0), min(x + 1, len(on))  # partial edge pixels too
-                m = mass_W[lo:hi].sum()
-                if m > best_mass:
-                    best, best_mass = (lo, hi), m
-                start = None
-        lo, hi = best
+        masses = [mass_W[max(lo - 1, 0) : hi + 1].sum() for lo, hi in runs]
+        best = int(np.argmax(masses))
+        lo, hi = max(runs[best][0] - 1, 0), min(runs[best][1] + 1, len(mass_W))
+        mass = masses[best]
+        # Width that mass would have as a solid 4-row bar, and the run's extent (native px).
+        width = mass / self._paddle_col_mass / self.sx
+        extent = (runs[best][1] - runs[best][0]) / self.sx
+        others = sum(masses) - mass
+        if not (PADDLE_MIN_W <= width <= PADDLE_MAX_W) or extent > width + 2 / self.sx + 4:
+            return None  # too small, too long, or a faint smear rather than a solid bar
+        if others > 1.5 * self._ball_mass:
+            return None  # a second paddle-sized object (or junk) in the paddle rows
+        # Not part of a taller shape: the rows just above and below hold at most a ball.
+        if max(above[lo:hi].sum(), below[lo:hi].sum()) > 0.5 * mass:
+            return None
         cols = np.arange(lo, hi) + 0.5
         return float((cols * mass_W[lo:hi]).sum() / mass_W[lo:hi].sum() / self.sx)
 
     def ball_xy(self, frame_H_W_C: np.ndarray) -> tuple[float, float] | None:
-        """Ball centre (x, y) in native pixels, or None when not visible to the detector."""
-        red = _redness(frame_H_W_C)
-        red[~self._ball_rows] = 0.0
-        red[:, ~self._ball_cols] = 0.0
-        y, x = np.unravel_index(int(red.argmax()), red.shape)
-        if red[y, x] < self.BALL_THRESHOLD:
+        """Ball centre (x, y) in native pixels, or None unless the searched rows hold exactly
+        one compact ball-sized red object and the open playfield is otherwise clean."""
+        alpha, foreign = self._alpha(frame_H_W_C)
+        if (foreign & self._open_field).sum() > self._field_clutter:
+            return None  # speckle or noise over the playfield: no single object to read
+        # The brick rows' own colours are background there, not clutter: only their red counts.
+        alpha = np.where(self._ball_search, np.minimum(alpha, self.MAX_ALPHA), 0.0)
+        strong = alpha >= self.BALL_PEAK
+        n_strong = int(strong.sum())
+        if n_strong == 0 or n_strong > 4 * self._ball_pixels:
             return None
-        # Centroid of the 3 × 3 neighbourhood: the ball spans at most 2 × 3 frame pixels.
-        ys, xs = slice(max(y - 1, 0), y + 2), slice(max(x - 1, 0), x + 2)
-        patch = red[ys, xs]
-        gy, gx = np.mgrid[ys, xs]
+        # Blobs grow over faint pixels too (a ball's edge pixels are faint); a blob is an object
+        # if it has a clear peak and at least a third of a ball's coverage, so faint noise of
+        # a good model is no object while a speck of red is.
+        objects = []
+        for ys, xs in _components(alpha >= self.BALL_ALPHA):
+            mass, peak = alpha[ys, xs].sum(), alpha[ys, xs].max()
+            if peak >= self.BALL_PEAK and mass >= 0.3 * self._ball_mass:
+                objects.append((mass, ys, xs))
+        if len(objects) != 1:
+            return None  # no ball, or several red objects: the ball is not one object here
+        mass, ys, xs = objects[0]
+        if not 0.35 * self._ball_mass <= mass <= 2.0 * self._ball_mass:
+            return None
+        keep = strong[ys, xs]
+        ys, xs = ys[keep], xs[keep]
+        if np.ptp(ys) + 1 > self._ball_box[0] or np.ptp(xs) + 1 > self._ball_box[1]:
+            return None  # not compact: a streak or smear, not a 2 × 4 ball
+        # Centroid over the blob's box grown by a pixel: faint edge pixels carry position too.
+        y0, y1 = max(ys.min() - 1, 0), ys.max() + 2
+        x0, x1 = max(xs.min() - 1, 0), xs.max() + 2
+        patch = alpha[y0:y1, x0:x1]
+        gy, gx = np.mgrid[y0:y1, x0:x1]
         cy = float((patch * (gy + 0.5)).sum() / patch.sum())
         cx = float((patch * (gx + 0.5)).sum() / patch.sum())
         return cx / self.sx, cy / self.sy

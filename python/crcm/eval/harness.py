@@ -9,13 +9,16 @@ horizons 1, 8, 32, 128 are compared with the emulator's:
 
 - PSNR / SSIM over the whole frame and over the *dynamic region*: pixels that change in the
   emulator's frames between ``t0`` and ``t0+h``, dilated by one pixel;
-- objects (crcm.eval.breakout detector, validated against RAM): paddle x error, ball position
-  error and ball presence agreement, brick-count error;
-- controllability: from the same context, the actions LEFT, RIGHT and NOOP held for up to 32
-  steps, played both by the emulator (restored from a snapshot at ``t0``) and by the model;
-  paddle x error per sequence and whether the model separates LEFT from RIGHT as the emulator
-  does.
-
+- objects (crcm.eval.breakout detector, validated against RAM; a paddle or ball counts only as
+  one compact object): paddle x error, ball position error (a frame without the object counts
+  as ``MISS_PX``), how often each is found, brick-count error;
+- control (crcm.eval.control): from the same context, LEFT held, RIGHT held and LEFT/RIGHT
+  alternating for ``control_horizon`` steps, played both by the emulator (restored from a
+  snapshot at ``t0``) and by the model, plus the model under a shuffled permutation of those
+  actions: paddle x error per horizon, action sensitivity, direction agreement with its
+  shuffled control, paddle found / largest jump, ball found / error, knocked-out bricks, and
+  the teacher-forced context check; then issue 16's targets, passed or failed
+  (crcm.eval.targets), and whether the model is action-blind.
 - drift: one long rollout (``long_rollout`` frames, default 1,000) from the first held-out
   episode's opening context, driven by that episode's actions (repeated when the episode is
   shorter), with the pipeline's KV retention (sink + window). Breakout's walls and background
@@ -36,14 +39,22 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from crcm.data.atari import NO_ACTION, AtariEnv, run_episode
+from crcm.data.atari import AtariEnv, run_episode
 from crcm.data.dataset import DEFAULT_POLICY_MIX, EVAL_SEED_BASE, episode_policy
 from crcm.errors import ConfigError
 from crcm.eval.breakout import BreakoutDetector, dynamic_mask, psnr, ssim_map
+from crcm.eval.control import (
+    MISS_PX,
+    SCRIPTS,
+    measure_start,
+    scripted_actions,
+    shuffled_actions,
+    summarize,
+)
+from crcm.eval.targets import check_targets, is_action_blind, verdict
 from crcm.sampling import DEFAULT_SHIFT
 
 __all__ = [
-    "CONTROL_SEQUENCES",
     "CopyLastFrame",
     "EvalConfig",
     "PipelineModel",
@@ -51,8 +62,6 @@ __all__ = [
     "evaluate",
     "load_model",
 ]
-
-CONTROL_SEQUENCES = {"LEFT": 3, "RIGHT": 2, "NOOP": 0}  # Breakout minimal-action ids
 
 
 class WorldModel:
@@ -85,64 +94,16 @@ class CopyLastFrame(WorldModel):
         return np.repeat(last, actions_B_N.shape[1], axis=1)
 
 
-class _DenseKV:
-    """A per-layer contiguous K/V cache with the runtime's retention (sink + window frames).
-
-    Mirrors what the streaming runtime's paged cache holds for one stream, batched over rows
-    that all have the same length: each chunk attends to the resident context plus itself.
-    """
-
-    def __init__(self, num_layers: int, tokens_per_frame: int, sink: int, window: int | None):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.tpf, self.sink, self.window = tokens_per_frame, sink, window
-        self.frames_seen = 0
-
-    def attn_fn(self, write: bool):
-        from crcm.models.dit import sdpa_attention
-
-        def fn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if write:
-                self.pending[layer] = (k, v)
-            if self.k[layer] is not None:
-                k = torch.cat([self.k[layer], k], dim=1)
-                v = torch.cat([self.v[layer], v], dim=1)
-            return sdpa_attention(q, k, v)
-
-        return fn
-
-    def commit(self, chunk_frames: int) -> None:
-        """Appends the pending chunk's K/V, then evicts as the runtime does."""
-        for layer, (k, v) in self.pending.items():
-            old_k, old_v = self.k[layer], self.v[layer]
-            self.k[layer] = k if old_k is None else torch.cat([old_k, k], dim=1)
-            self.v[layer] = v if old_v is None else torch.cat([old_v, v], dim=1)
-        self.pending.clear()
-        self.frames_seen += chunk_frames
-        if self.window is None:
-            return
-        resident = min(self.frames_seen, self.sink) + min(
-            max(self.frames_seen - self.sink, 0), self.window
-        )
-        have = self.k[0].shape[1] // self.tpf
-        if have > resident:
-            drop = have - resident  # the oldest non-sink frames
-            s, e = self.sink * self.tpf, (self.sink + drop) * self.tpf
-            for layer in range(len(self.k)):
-                self.k[layer] = torch.cat([self.k[layer][:, :s], self.k[layer][:, e:]], dim=1)
-                self.v[layer] = torch.cat([self.v[layer][:, :s], self.v[layer][:, e:]], dim=1)
-
-
 class PipelineModel(WorldModel):
-    """A crcm :class:`~crcm.pipeline.Pipeline` continued from ground-truth context.
+    """A crcm :class:`~crcm.pipeline.Pipeline` continued from ground-truth context, through the
+    streaming runtime itself.
 
-    The streaming runtime has no way to seed a session's KV cache with given frames, so this
-    runs the model directly: the context is *prefilled* chunk by chunk at ``s = 0`` (exactly the
-    runtime's cache-update pass, as if the stream had generated those frames), then chunks are
-    sampled with the pipeline's sampler (consistency or Euler with CFG, same times, same
-    cache-update / noisy-context rule, same sink + window retention). With an empty context and
-    one row it reproduces ``crcm.generate`` for the same seed (a test checks this).
+    One runtime, one session per row: each session is opened with its ground-truth context
+    (``Runtime.open(context=..., context_actions=...)``: the frames fill its KV cache exactly
+    as if the stream had made them, and are its first frames), then takes the real actions, so
+    what is measured is what ``crcm play`` serves — the same sampler (consistency or Euler with
+    CFG), cache-update / noisy-context rule, sink + window and batched forwards. Row ``b`` uses
+    the noise seed ``seed + b``.
     """
 
     def __init__(self, pipeline, *, sampler=None, steps: int | None = None) -> None:
@@ -153,78 +114,42 @@ class PipelineModel(WorldModel):
 
     @torch.no_grad()
     def rollout(self, context_B_K_H_W_C, context_actions_B_K, actions_B_N, seed=0):
+        from crcm.runtime import Runtime
+
         pipe, smp = self.pipeline, self.sampler
-        model, codec = pipe.model, pipe.codec
-        cfg = model.cfg
-        C = smp.chunk_frames
         B, K = context_actions_B_K.shape
         N = actions_B_N.shape[1]
+        C = smp.chunk_frames
         if K % C or N % C:
             raise ConfigError(f"context ({K}) and horizon ({N}) must be multiples of {C} frames")
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
         guided = smp.kind == "euler" and smp.cfg_scale != 1.0
-        if guided and cfg.cond != "none":
-            raise ConfigError("guided evaluation is implemented for action-only models")
-        rows = 2 * B if guided else B
-
-        def actions(a_B_T: np.ndarray) -> torch.Tensor | None:
-            if not cfg.num_actions:
-                return None
-            a = np.where(a_B_T == NO_ACTION, model.null_action, a_B_T).astype(np.int64)
-            t = torch.from_numpy(a)
-            if guided:  # the unconditional rows see the null action (executor's convention)
-                t = torch.cat([t, torch.full_like(t, model.null_action)])
-            return t.to(device)
-
-        _, h, w = pipe.latent_chw
-        cache = _DenseKV(
-            cfg.num_layers, model.tokens_per_frame(h, w), smp.sink_frames, smp.window_frames
-        )
-
-        def forward(x, s: float, start: int, a, write: bool) -> torch.Tensor:
-            T = x.shape[1]
-            s_R_T = torch.full((rows, T), s, device=device, dtype=dtype)
-            pos = torch.arange(start, start + T, device=device).expand(rows, T)
-            return model(x, s_R_T, frame_pos_B_T=pos, actions_B_T=a, attention=cache.attn_fn(write))
-
-        if K:
-            ctx = codec.encode(torch.from_numpy(np.ascontiguousarray(context_B_K_H_W_C)))
-            ctx = ctx.to(device, dtype)
-            if guided:
-                ctx = torch.cat([ctx, ctx])
-            a_ctx = actions(context_actions_B_K)
-        for c0 in range(0, K, C):
-            a = None if a_ctx is None else a_ctx[:, c0 : c0 + C]
-            forward(ctx[:, c0 : c0 + C], 0.0, c0, a, write=True)
-            cache.commit(C)
-
-        gen = torch.Generator().manual_seed(seed)
-        latent = pipe.latent_chw
-        noise = lambda: torch.randn((B, C, *latent), generator=gen).to(device, dtype)  # noqa: E731
-        a_all = actions(actions_B_N)
-        out = []
-        for chunk, c0 in enumerate(range(0, N, C)):
-            a = None if a_all is None else a_all[:, c0 : c0 + C]
-            n = smp.steps_of(chunk)
-            x = noise()
-            for i in range(n):
-                s, s_next = smp.times[i], (smp.times[i + 1] if i + 1 < n else 0.0)
-                last = i + 1 == n
-                xr = torch.cat([x, x]) if guided else x
-                v = forward(xr, s, K + c0, a, write=last and not smp.cache_update)
-                if guided:
-                    v = v[B:] + smp.cfg_scale * (v[:B] - v[B:])
-                if smp.kind == "euler":
-                    x0, x = x - s * v, x + (s_next - s) * v
-                else:
-                    x0 = x - s * v
-                    x = (1 - s_next) * x0 + s_next * noise() if s_next > 0 else x0
-            if smp.cache_update:
-                forward(torch.cat([x0, x0]) if guided else x0, 0.0, K + c0, a, write=True)
-            cache.commit(C)
-            out.append(codec.decode(x0).cpu().numpy())
-        return np.concatenate(out, axis=1)
+        takes_actions = bool(pipe.model.cfg.num_actions)
+        window = smp.sink_frames + (smp.window_frames or K + N) + C
+        runtime = Runtime(pipe, max_streams=B, context_frames=window, cfg=guided)
+        with runtime:
+            sessions = []
+            for b in range(B):
+                session = runtime.open(
+                    sampler=smp,
+                    seed=seed + b,
+                    max_frames=K + N,
+                    buffer_frames=K + N,
+                    context=np.ascontiguousarray(context_B_K_H_W_C[b]) if K else None,
+                    context_actions=[int(a) for a in context_actions_B_K[b]]
+                    if takes_actions and K
+                    else None,
+                )
+                if takes_actions:
+                    session.push_actions([int(a) for a in actions_B_N[b]])
+                sessions.append(session)
+            runtime.run_until_idle()
+            out = []
+            for session in sessions:
+                frames = session.read()
+                if len(frames) != K + N:
+                    raise RuntimeError(f"the runtime made {len(frames)} of {K + N} frames")
+                out.append(np.stack(frames[K:]))
+        return np.stack(out)
 
 
 def load_model(
@@ -271,7 +196,12 @@ def load_model(
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What an evaluation run measures; recorded in its JSON."""
+    """What an evaluation run measures; recorded in its JSON.
+
+    ``control_horizon`` is the length of the scripted-action rollouts (LEFT held, RIGHT held,
+    LEFT/RIGHT alternating in blocks of ``alternate_every``), scored at ``control_horizons``;
+    ``dead_band_px`` is the paddle motion (native px) below which a step counts as no move.
+    """
 
     game: str = "breakout"
     episodes: int = 8
@@ -279,6 +209,9 @@ class EvalConfig:
     context_frames: int = 8
     horizons: tuple[int, ...] = (1, 8, 32, 128)
     control_horizon: int = 32
+    control_horizons: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    alternate_every: int = 4
+    dead_band_px: float = 3.0
     frameskip: int = 4
     frame_hw: tuple[int, int] = (64, 64)
     max_steps: int = 2000
@@ -288,7 +221,11 @@ class EvalConfig:
 
 
 def _window_metrics(pred, gt, ctx_last, det: BreakoutDetector, horizons) -> dict:
-    """Per-horizon metric lists for one window (pred/gt ``[N, H, W, C]``)."""
+    """Per-horizon metric lists for one window (pred/gt ``[N, H, W, C]``).
+
+    Object errors count a model frame without the object as ``MISS_PX`` wherever the
+    emulator's frame shows it: measured only where the model drew it, a model that rarely
+    draws a paddle would look accurate."""
     rows = {}
     idx = [hz - 1 for hz in horizons]
     ssim_all = ssim_map(pred[idx], gt[idx])  # one batched call: torch overhead dominates
@@ -304,14 +241,19 @@ def _window_metrics(pred, gt, ctx_last, det: BreakoutDetector, horizons) -> dict
             "psnr_dynamic": float(psnr(p, g, mask)[0]) if mask.any() else np.nan,
             "ssim_dynamic": float(s[mask].mean()) if mask.any() else np.nan,
             "bricks_error": abs(dp.bricks - dg.bricks),
-            "ball_presence_agree": float((dp.ball_xy is None) == (dg.ball_xy is None)),
         }
         if dg.paddle_x is not None:
             row["paddle_found"] = float(dp.paddle_x is not None)
-            if dp.paddle_x is not None:
-                row["paddle_error_px"] = abs(dp.paddle_x - dg.paddle_x)
-        if dp.ball_xy is not None and dg.ball_xy is not None:
-            row["ball_error_px"] = float(np.hypot(*np.subtract(dp.ball_xy, dg.ball_xy)))
+            row["paddle_error_px"] = (
+                MISS_PX if dp.paddle_x is None else abs(dp.paddle_x - dg.paddle_x)
+            )
+        if dg.ball_xy is not None:
+            row["ball_found"] = float(dp.ball_xy is not None)
+            row["ball_error_px"] = (
+                MISS_PX
+                if dp.ball_xy is None
+                else float(np.hypot(*np.subtract(dp.ball_xy, dg.ball_xy)))
+            )
         rows[hz] = row
     return rows
 
@@ -369,7 +311,8 @@ def evaluate(
 ) -> dict:
     """Runs every model on the same windows; returns the JSON-ready report.
 
-    ``models`` should include :class:`CopyLastFrame` (the CLI always adds it).
+    ``models`` should include :class:`CopyLastFrame` (the CLI always adds it); the targets'
+    copy-last-frame comparison is computed on the same windows either way.
     """
     from tqdm import tqdm
 
@@ -378,20 +321,23 @@ def evaluate(
             "the object detector and controllability are Breakout's; game must be breakout"
         )
     H = max(cfg.horizons)
-    Hc = min(cfg.control_horizon, H)
+    Hc = cfg.control_horizon
     K = cfg.context_frames
     if K < 1 or min(cfg.horizons) < 1 or cfg.episodes < 1 or cfg.starts_per_episode < 1:
         raise ConfigError("context_frames, horizons, episodes and starts must be >= 1")
+    if Hc < 1:
+        raise ConfigError("control_horizon must be >= 1")
+    ctrl_h = tuple(h for h in cfg.control_horizons if 1 <= h <= Hc)
     for m in models:
         hw = getattr(getattr(m, "pipeline", None), "frame_shape", None)
         if hw is not None and tuple(hw[:2]) != tuple(cfg.frame_hw):
             raise ConfigError(f"{m.name} makes {hw[:2]} frames; evaluation uses {cfg.frame_hw}")
     env = AtariEnv(cfg.game, frameskip=cfg.frameskip, frame_hw=cfg.frame_hw)
     det = BreakoutDetector(cfg.frame_hw)
-    results = {
-        m.name: {"windows": [], "control": {k: [] for k in CONTROL_SEQUENCES}} for m in models
-    }
-    control_sep = {m.name: [] for m in models}
+    scripts = {name: scripted_actions(name, Hc, cfg.alternate_every) for name in SCRIPTS}
+    windows = {m.name: [] for m in models}
+    records = {m.name: [] for m in models}
+    baseline = []  # copy-last-frame's per-window metrics, for the targets
     used, skipped, seeds = [], [], []
     timings = {m.name: 0.0 for m in models}
     for j in tqdm(range(cfg.episodes), unit="ep", disable=not progress):
@@ -410,46 +356,51 @@ def evaluate(
         starts = np.unique((lo + centres * (hi - lo)).round().astype(int))
         ep = run_episode(env, policy, seed, max_steps=cfg.max_steps, snapshot_at=set(starts))
         used.append({"seed": seed, "policy": policy, "frames": n, "starts": starts.tolist()})
+        B = len(starts)
         ctx = np.stack([ep.frames[t - K + 1 : t + 1] for t in starts])
         ctx_a = np.stack([ep.actions[t - K + 1 : t + 1] for t in starts]).astype(np.int64)
         fut_a = np.stack([ep.actions[t + 1 : t + 1 + H] for t in starts]).astype(np.int64)
         gt = np.stack([ep.frames[t + 1 : t + 1 + H] for t in starts])
-        # The emulator's futures under the control sequences, from snapshots at each start.
-        ctrl_gt = {}
-        for name, a in CONTROL_SEQUENCES.items():
+        # The emulator's futures under the scripted actions, from snapshots at each start.
+        emu = {}
+        for name, a in scripts.items():
             frames = []
             for t in starts:
                 env.restore_state(ep.states[int(t)])
-                frames.append(np.stack([env.step(a)[0] for _ in range(Hc)]))
-            ctrl_gt[name] = np.stack(frames)
+                frames.append(np.stack([env.step(int(x))[0] for x in a]))
+            emu[name] = np.stack(frames)
+        # The shuffled control's actions: one permutation per start, fixed by the episode.
+        rng = np.random.default_rng([cfg.seed, seed])
+        shuffles = [shuffled_actions(scripts, rng) for _ in starts]
+        shuf_a = {name: np.stack([s[name] for s in shuffles]) for name in scripts}
+        for b in range(B):
+            copy = np.repeat(ctx[b, -1:], H, axis=0)
+            baseline.append(_window_metrics(copy, gt[b], ctx[b, -1], det, cfg.horizons))
         for m in models:
             t0 = time.perf_counter()
             pred = m.rollout(ctx, ctx_a, fut_a, seed=seed)
+            # Same context and seed for every sequence: only the actions differ, so any
+            # difference between the rollouts is the actions' doing.
             ctrl = {
-                name: m.rollout(ctx, ctx_a, np.full((len(starts), Hc), a), seed=seed)
-                for name, a in CONTROL_SEQUENCES.items()
+                name: m.rollout(ctx, ctx_a, np.tile(a, (B, 1)), seed=seed)
+                for name, a in scripts.items()
             }
+            shuf = {name: m.rollout(ctx, ctx_a, a, seed=seed) for name, a in shuf_a.items()}
             timings[m.name] += time.perf_counter() - t0
-            for b in range(len(starts)):
-                results[m.name]["windows"].append(
+            for b in range(B):
+                windows[m.name].append(
                     _window_metrics(pred[b], gt[b], ctx[b, -1], det, cfg.horizons)
                 )
-                sep = {}
-                for name in CONTROL_SEQUENCES:
-                    rows = {}
-                    for hz in [h for h in cfg.horizons if h <= Hc]:
-                        pm = det.paddle_x(ctrl[name][b, hz - 1])
-                        pe = det.paddle_x(ctrl_gt[name][b, hz - 1])
-                        rows[hz] = (
-                            {} if pm is None or pe is None else {"paddle_error_px": abs(pm - pe)}
-                        )
-                        sep.setdefault(hz, {})[name] = (pm, pe)
-                    results[m.name]["control"][name].append(rows)
-                control_sep[m.name].append(sep)
+                rollouts = {"real": (pred[b], gt[b])}
+                rollouts.update({name: (ctrl[name][b], emu[name][b]) for name in scripts})
+                shuffled = {name: shuf[name][b] for name in scripts}
+                records[m.name].append(measure_start(det, ctx[b, -1], rollouts, shuffled))
     if not used:
         raise ConfigError(
             f"no evaluation episode reached {K + H} frames; use more episodes or shorter horizons"
         )
+    base = _aggregate(baseline, cfg.horizons)
+    base_dyn = {h: base[str(h)].get("psnr_dynamic") for h in cfg.horizons}
     report = {
         "game": cfg.game,
         "frame_hw": list(cfg.frame_hw),
@@ -457,40 +408,32 @@ def evaluate(
         "context_frames": K,
         "horizons": list(cfg.horizons),
         "control_horizon": Hc,
+        "control_horizons": list(ctrl_h),
+        "control_sequences": {name: a.tolist() for name, a in scripts.items()},
         "eval_seeds": seeds,
         "episodes": used,
         "skipped_episodes": skipped,
         "windows": sum(len(e["starts"]) for e in used),
+        "baseline_psnr_dynamic": {str(h): v for h, v in base_dyn.items()},
         "models": {},
     }
     if cfg.long_rollout:
         first = used[0]
         ep = run_episode(env, first["policy"], first["seed"], max_steps=cfg.max_steps)
         report["drift"] = {"seed": first["seed"], "models": _drift(models, ep, cfg, det)}
-    ctrl_h = [h for h in cfg.horizons if h <= Hc]
     for m in models:
-        r = results[m.name]
-        control = {name: _aggregate(rows, ctrl_h) for name, rows in r["control"].items()}
-        agree = {}
-        for hz in ctrl_h:
-            votes = []
-            for sep in control_sep[m.name]:
-                (lm, le), (rm, re_) = sep[hz]["LEFT"], sep[hz]["RIGHT"]
-                if le is None or re_ is None or abs(re_ - le) < 2.0:
-                    continue  # the emulator itself did not separate them (paddle at a wall)
-                ok = lm is not None and rm is not None and np.sign(rm - lm) == np.sign(re_ - le)
-                votes.append(float(ok))
-            agree[str(hz)] = {
-                "direction_agree": float(np.mean(votes)) if votes else None,
-                "n": len(votes),
-            }
         smp = getattr(m, "sampler", None)
-        report["models"][m.name] = {
+        entry = {
             "sampler": None
             if smp is None
             else {"kind": smp.kind, "steps": smp.steps_of(0), "cfg_scale": smp.cfg_scale},
-            "horizons": _aggregate(r["windows"], cfg.horizons),
-            "controllability": {"sequences": control, "left_right": agree},
+            "horizons": _aggregate(windows[m.name], cfg.horizons),
+            **summarize(records[m.name], ctrl_h, cfg.dead_band_px),
             "seconds": round(timings[m.name], 3),
         }
+        entry["targets"] = check_targets(entry, report["baseline_psnr_dynamic"])
+        entry["targets_met"] = sum(t["pass"] is True for t in entry["targets"].values())
+        entry["action_blind"] = is_action_blind(entry["control"])
+        entry["verdict"] = verdict(entry)
+        report["models"][m.name] = entry
     return report

@@ -4,9 +4,11 @@ Each ``crcm eval --model M --name LABEL --out FILE.json`` report holds one world
 copy-last-frame baseline, measured on the same held-out windows. :func:`load_reports` merges
 several such reports into one :class:`EvalTable` (refusing reports made on different episodes,
 since their numbers would not be comparable), :func:`markdown_table` renders one row per model
+(a fidelity table, then issue 16's control and object metrics with their targets met or not)
 and :func:`svg_plot` draws metrics against the horizon, without any plotting library.
 
-Pixel errors are in native Atari pixels (160 wide × 210 high), as the reports store them.
+Pixel errors are in native Atari pixels (160 wide × 210 high), as the reports store them; a
+frame without the object counts as 160 px (``crcm.eval.control.MISS_PX``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "ssim_dynamic": ("dynamic-region SSIM", ""),
     "paddle_error_px": ("paddle x error", "native px"),
     "ball_error_px": ("ball position error", "native px"),
-    "ball_presence_agree": ("ball presence agreement", "fraction"),
+    "ball_found": ("ball found", "fraction"),
     "bricks_error": ("brick count error", "bricks"),
     "paddle_found": ("paddle found", "fraction"),
 }
@@ -68,7 +70,8 @@ class EvalTable:
         windows: evaluation windows (start points) per model.
         episodes: held-out episodes that gave windows (long enough for every horizon).
         models: label -> the report's entry for that model (``sampler``, ``horizons``,
-            ``controllability``, ``seconds``), copy-last-frame first, then in file order.
+            ``control``, ``objects``, ``context_check``, ``targets``, ``seconds``, …),
+            copy-last-frame first, then in file order.
         drift: label -> the model's long-rollout entry (``frames``, ``psnr_static``,
             ``paddle_found``, ``frames_per_s``); models of reports without a drift rollout are
             absent.
@@ -258,33 +261,25 @@ def _drift_last(entry: Mapping[str, Any] | None) -> tuple[str, float | None] | N
     return span, _number(spans[span])
 
 
-def _left_right(table: EvalTable, name: str, horizon: int) -> float | None:
-    agree = table.models[name].get("controllability", {}).get("left_right", {})
-    return _number(agree.get(str(horizon), {}).get("direction_agree"))
+def _get(entry: Mapping[str, Any] | None, *path: str) -> Any:
+    for key in path:
+        if not isinstance(entry, Mapping) or key not in entry:
+            return None
+        entry = entry[key]
+    return entry
 
 
-def markdown_table(table: EvalTable) -> str:
-    """One Markdown table with a row per model (copy-last-frame first), and a line of units.
+def _marked(text: str, entry: Mapping[str, Any], target: str | None) -> str:
+    """``text`` with ✓ or ✗ after it when the report judged ``target`` (issue 16's)."""
+    passed = _get(entry, "targets", target, "pass") if target else None
+    if text == MISSING or passed is None:
+        return text
+    return f"{text} {'✓' if passed else '✗'}"
 
-    Columns: model, sampler, dynamic-region PSNR at every horizon, whole-frame PSNR at the
-    shortest and longest horizons, paddle x error near horizon 32 and ball error near horizon 8
-    (the nearest horizon the reports have, named in the header), left/right direction agreement
-    near horizon 32, the drift rollout's static-region PSNR over its last span and its
-    frames/s. Values that were not measured print as "—".
-    """
+
+def _fidelity_table(table: EvalTable) -> list[str]:
     hs = table.horizons
     lo, hi = hs[0], hs[-1]
-    h_paddle = nearest_horizon(hs, 32)
-    h_ball = nearest_horizon(hs, 8)
-    # Left/right agreement exists only up to the report's control horizon.
-    lr_hs = sorted(
-        {
-            int(h)
-            for m in table.models.values()
-            for h in m.get("controllability", {}).get("left_right", {})
-        }
-    )
-    h_lr = nearest_horizon(lr_hs, 32) if lr_hs else None
     last = {name: _drift_last(table.drift.get(name)) for name in table.models}
     spans = {v[0] for v in last.values() if v is not None}
     # One shared span goes in the header; rollouts of different lengths name theirs per cell.
@@ -293,20 +288,12 @@ def markdown_table(table: EvalTable) -> str:
     header = ["model", "sampler"]
     header += [f"dyn PSNR h{h} (dB)" for h in hs]
     header += [f"PSNR h{h} (dB)" for h in dict.fromkeys((lo, hi))]
-    header += [f"paddle err h{h_paddle} (px)", f"ball err h{h_ball} (px)"]
-    header += [f"L/R agree h{h_lr} (%)" if h_lr is not None else "L/R agree (%)"]
     header += [f"drift static PSNR, {span_header} (dB)", "drift frames/s"]
-
     rows = []
     for name, entry in table.models.items():
         row = [_cell(name), _sampler_text(entry.get("sampler"))]
         row += [_fmt(table.metric(name, h, "psnr_dynamic")) for h in hs]
         row += [_fmt(table.metric(name, h, "psnr")) for h in dict.fromkeys((lo, hi))]
-        row += [
-            _fmt(table.metric(name, h_paddle, "paddle_error_px")),
-            _fmt(table.metric(name, h_ball, "ball_error_px")),
-            _fmt(_left_right(table, name, h_lr), 0, 100.0) if h_lr is not None else MISSING,
-        ]
         if last[name] is None:
             row.append(MISSING)
         else:
@@ -316,16 +303,98 @@ def markdown_table(table: EvalTable) -> str:
         fps = None if name == BASELINE else _number(table.drift.get(name, {}).get("frames_per_s"))
         row.append(_fmt(fps))
         rows.append(row)
+    return _render(header, rows, text_columns=2)
 
+
+def _control_table(table: EvalTable) -> list[str]:
+    """Issue 16's metrics, each with its target in the header and ✓/✗ where it was judged."""
+    ctrl_hs = sorted(
+        {
+            int(h)
+            for m in table.models.values()
+            for h in (_get(m, "control", "paddle_error_px", "all") or {})
+        }
+    )
+    h8 = nearest_horizon(ctrl_hs, 8) if ctrl_hs else 8
+    h32 = nearest_horizon(ctrl_hs, 32) if ctrl_hs else 32
+    header = [
+        "model",
+        f"paddle err h{h8} (px, ≤4 at h8)",
+        f"paddle err h{h32} (px, ≤8 at h32)",
+        "sensitivity (≥0.8)",
+        "direction agree (%, ≥95)",
+        "shuffled actions (%, ≤55)",
+        "paddle found (%, ≥95)",
+        "max paddle jump (px, ≤32)",
+        "ball found h≤8 (%, ≥90)",
+        "ball err h1 (px)",
+        "ball ≤4 px at h1 (%, ≥80)",
+        "hit bricks gone (%)",
+        "TF context check",
+        "targets met",
+    ]
+    rows = []
+    for name, e in table.models.items():
+        err = _get(e, "control", "paddle_error_px", "all") or {}
+        ctx = _get(e, "context_check", "pass")
+        targets = _get(e, "targets") or {}
+        met = sum(_get(t, "pass") is True for t in targets.values())
+        row = [
+            _cell(name),
+            _marked(_fmt(err.get(str(h8))), e, "paddle_h8" if h8 == 8 else None),
+            _marked(_fmt(err.get(str(h32))), e, "paddle_h32" if h32 == 32 else None),
+            _marked(_fmt(_get(e, "control", "sensitivity"), 2), e, "sensitivity"),
+            _marked(_fmt(_get(e, "control", "direction_agree"), 0, 100.0), e, "direction"),
+            # The shuffled control is part of the direction target (judged in that cell).
+            _fmt(_get(e, "control", "direction_agree_shuffled"), 0, 100.0),
+            _marked(_fmt(_get(e, "objects", "paddle_found"), 0, 100.0), e, "paddle_found"),
+            _marked(_fmt(_get(e, "objects", "paddle_max_jump_px")), e, "paddle_jump"),
+            _marked(_fmt(_get(e, "objects", "ball_found"), 0, 100.0), e, "ball_found"),
+            _fmt(_get(e, "objects", "ball_error_px", "1")),
+            _marked(_fmt(_get(e, "objects", "ball_close_h1"), 0, 100.0), e, "ball_h1"),
+            _fmt(_get(e, "objects", "brick_hit_disappears"), 0, 100.0),
+            MISSING if ctx is None else ("pass ✓" if ctx else "fail ✗"),
+            f"{met}/{len(targets)}" if targets else MISSING,
+        ]
+        rows.append(row)
+    return _render(header, rows, text_columns=1)
+
+
+def _render(header: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    lines.append("|" + "|".join(align) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def markdown_table(table: EvalTable) -> str:
+    """Two Markdown tables with a row per model (copy-last-frame first), each after a line of
+    what it measured.
+
+    The first is fidelity: model, sampler, dynamic-region PSNR at every horizon, whole-frame
+    PSNR at the shortest and longest horizons, the drift rollout's static-region PSNR over its
+    last span and its frames/s. The second is issue 16's control and object metrics with each
+    target in its column header and ✓/✗ where the report judged it: paddle x error under the
+    scripted actions near h8 and h32 (the nearest control horizons), action sensitivity,
+    direction agreement and its shuffled-action control, paddle found and its largest jump,
+    ball found at h ≤ 8, ball error at h1 and the share within 4 px, the share of knocked-out
+    bricks that disappear, the teacher-forced context check and the number of targets met.
+    Values that were not measured print as "—".
+    """
     h, w = table.frame_hw
     note = (
         f"Paddle/ball errors in native Atari pixels (160×210), PSNR in dB; {table.windows} "
         f"windows of {table.episodes} held-out episodes, {h}x{w} frames, "
         f"{table.context_frames} context frames; copy-last-frame is the baseline."
     )
-    lines = [note, "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    control_note = (
+        "Scripted actions (LEFT held, RIGHT held, LEFT/RIGHT alternating) from the same "
+        "windows, played by the emulator from its snapshot and by the model; errors are "
+        "medians and count a frame without the object as 160 px; rates are shares of frames "
+        "or steps; ✓/✗: the target in the header met or not (docs/atari.md)."
+    )
+    lines = [note, "", *_fidelity_table(table), "", control_note, "", *_control_table(table)]
     return "\n".join(lines) + "\n"
 
 

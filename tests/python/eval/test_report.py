@@ -34,7 +34,7 @@ def _stats(base: float, horizons=HORIZONS, missing: dict[int, set[str]] | None =
             "ssim_dynamic": 0.25,
             "paddle_error_px": base + 2 * h,
             "ball_error_px": base + h + 0.25,
-            "ball_presence_agree": 1.0,
+            "ball_found": 1.0,
             "bricks_error": 0.0,
             "paddle_found": 1.0,
         }
@@ -45,15 +45,34 @@ def _stats(base: float, horizons=HORIZONS, missing: dict[int, set[str]] | None =
 
 
 def _model(base: float, sampler, agree=0.5, horizons=HORIZONS, missing=None, seconds=1.0) -> dict:
-    return {
+    """A model entry; its control metrics are functions of ``base`` (``agree``: direction
+    agreement, None for not measured) and it is judged against made-up targets."""
+    ctrl_hs = [h for h in (1, 2, 4, 8, 16, 32) if h <= max(horizons)]
+    entry = {
         "sampler": sampler,
         "horizons": _stats(base, horizons, missing),
-        "controllability": {
-            "sequences": {},
-            "left_right": {str(h): {"direction_agree": agree, "n": 4} for h in horizons if h <= 32},
+        "control": {
+            "horizons": ctrl_hs,
+            "paddle_error_px": {"all": {str(h): base / 10 + h for h in ctrl_hs}},
+            "sensitivity": base / 100,
+            "direction_agree": agree,
+            "direction_agree_shuffled": 0.5,
         },
+        "objects": {
+            "paddle_found": 0.96,
+            "paddle_max_jump_px": 30.0,
+            "ball_found": 0.5,
+            "ball_error_px": {"1": 3.25},
+            "ball_close_h1": 0.75,
+            "brick_hit_disappears": None,
+        },
+        "context_check": {"pass": base > 15},
         "seconds": seconds,
     }
+    from crcm.eval.targets import check_targets
+
+    entry["targets"] = check_targets(entry, {str(h): 0.0 for h in horizons})
+    return entry
 
 
 def _report(name: str, model: dict, *, copy_base=10.0, fps=20.0, horizons=HORIZONS, **over):
@@ -202,12 +221,25 @@ def test_bad_inputs_raise(tmp_path: Path, two_reports: list[Path]) -> None:
         load_reports([bad])
 
 
+def _tables(markdown: str) -> list[list[dict[str, str]]]:
+    """Each Markdown table's rows as header -> cell dicts."""
+    blocks, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(_rows("\n".join(current)))
+            current = []
+    return blocks
+
+
 def test_markdown_rows_and_cells(two_reports: list[Path]) -> None:
     text = markdown_table(load_reports(two_reports))
     assert "native" in text.splitlines()[0] and "baseline" in text.splitlines()[0]
-    rows = _rows(text)
-    assert [r["model"] for r in rows] == [BASELINE, "teacher", "student"]
-    copy, teacher, student = rows
+    fidelity, control = _tables(text)
+    assert [r["model"] for r in fidelity] == [BASELINE, "teacher", "student"]
+    assert [r["model"] for r in control] == [BASELINE, "teacher", "student"]
+    copy, teacher, student = fidelity
     assert list(copy) == [
         "model",
         "sampler",
@@ -217,9 +249,6 @@ def test_markdown_rows_and_cells(two_reports: list[Path]) -> None:
         "dyn PSNR h128 (dB)",
         "PSNR h1 (dB)",
         "PSNR h128 (dB)",
-        "paddle err h32 (px)",
-        "ball err h8 (px)",
-        "L/R agree h32 (%)",
         "drift static PSNR, frames 100-200 (dB)",
         "drift frames/s",
     ]
@@ -231,35 +260,75 @@ def test_markdown_rows_and_cells(two_reports: list[Path]) -> None:
     # psnr_dynamic = base + 0.5 * index; psnr = base + 10 - index.
     assert [teacher[f"dyn PSNR h{h} (dB)"] for h in HORIZONS] == ["20.0", "20.5", "21.0", "21.5"]
     assert (teacher["PSNR h1 (dB)"], teacher["PSNR h128 (dB)"]) == ("30.0", "27.0")
-    assert teacher["paddle err h32 (px)"] == "84.0"  # 20 + 2 * 32
-    assert teacher["ball err h8 (px)"] == "28.2"  # 20 + 8 + 0.25, one decimal
-    assert (teacher["L/R agree h32 (%)"], copy["L/R agree h32 (%)"]) == ("50", "0")
     assert teacher["drift static PSNR, frames 100-200 (dB)"] == "13.4"
     assert copy["drift static PSNR, frames 100-200 (dB)"] == "100.0"
     assert (teacher["drift frames/s"], student["drift frames/s"]) == ("20.0", "22.1")
     assert copy["drift frames/s"] == "—"  # copying a frame has no meaningful speed
-    # None values print as a dash.
-    assert student["ball err h8 (px)"] == "—" and student["L/R agree h32 (%)"] == "—"
-    assert student["paddle err h32 (px)"] == "94.0"
+
+    copy, teacher, student = control
+    assert list(teacher) == [
+        "model",
+        "paddle err h8 (px, ≤4 at h8)",
+        "paddle err h32 (px, ≤8 at h32)",
+        "sensitivity (≥0.8)",
+        "direction agree (%, ≥95)",
+        "shuffled actions (%, ≤55)",
+        "paddle found (%, ≥95)",
+        "max paddle jump (px, ≤32)",
+        "ball found h≤8 (%, ≥90)",
+        "ball err h1 (px)",
+        "ball ≤4 px at h1 (%, ≥80)",
+        "hit bricks gone (%)",
+        "TF context check",
+        "targets met",
+    ]
+    # paddle error = base / 10 + h; sensitivity = base / 100; each cell marked by its target.
+    assert teacher["paddle err h8 (px, ≤4 at h8)"] == "10.0 ✗"
+    assert teacher["paddle err h32 (px, ≤8 at h32)"] == "34.0 ✗"
+    assert (teacher["sensitivity (≥0.8)"], copy["sensitivity (≥0.8)"]) == ("0.20 ✗", "0.10 ✗")
+    assert teacher["direction agree (%, ≥95)"] == "50 ✗"
+    assert teacher["shuffled actions (%, ≤55)"] == "50"  # judged in the direction cell
+    assert teacher["paddle found (%, ≥95)"] == "96 ✓"
+    assert teacher["max paddle jump (px, ≤32)"] == "30.0 ✓"
+    assert teacher["ball found h≤8 (%, ≥90)"] == "50 ✗"
+    assert teacher["ball err h1 (px)"] == "3.2"  # a median, no target of its own
+    assert teacher["ball ≤4 px at h1 (%, ≥80)"] == "75 ✗"
+    assert teacher["hit bricks gone (%)"] == "—"
+    assert (teacher["TF context check"], copy["TF context check"]) == ("pass ✓", "fail ✗")
+    # Met: paddle found, jump, dynamic PSNR (≥ the made-up 0 dB baseline), context check.
+    assert teacher["targets met"] == "4/10"
+    # None values print as a dash, without a mark.
+    assert student["direction agree (%, ≥95)"] == "—"
+
+
+def test_markdown_reads_reports_without_control_metrics(tmp_path: Path) -> None:
+    """Reports of an older crcm eval (no control metrics) still merge; their cells are dashes."""
+    old = _model(20.0, EULER)
+    for key in ("control", "objects", "context_check", "targets"):
+        del old[key]
+    rows = _tables(markdown_table(load_reports([_write(tmp_path, "a.json", _report("m", old))])))
+    m = rows[1][1]
+    assert m["model"] == "m" and m["sensitivity (≥0.8)"] == "—" and m["targets met"] == "—"
 
 
 def test_markdown_adapts_to_horizons(tmp_path: Path) -> None:
     hs = (2, 16, 64)
     a = _write(tmp_path, "a.json", _report("m", _model(5.0, ONE_STEP, horizons=hs), horizons=hs))
-    rows = _rows(markdown_table(load_reports([a])))
-    m = rows[1]
+    fidelity, control = _tables(markdown_table(load_reports([a])))
+    m = fidelity[1]
     assert [k for k in m if k.startswith("dyn PSNR")] == [f"dyn PSNR h{h} (dB)" for h in hs]
     assert ("PSNR h2 (dB)" in m) and ("PSNR h64 (dB)" in m) and not any("128" in k for k in m)
-    # 32 lies between 16 and 64 on a log scale; the shorter wins. 8 is nearest to 16.
-    assert m["paddle err h16 (px)"] == "37.0" and m["ball err h16 (px)"] == "21.2"
-    assert m["L/R agree h16 (%)"] == "50"  # agreement exists only up to the control horizon
+    # The control horizons go up to 32 here; the nearest to 8 and 32 are shown.
+    c = control[1]
+    assert c["paddle err h8 (px, ≤4 at h8)"] == "8.5 ✗"  # 5 / 10 + 8
+    assert c["paddle err h32 (px, ≤8 at h32)"] == "32.5 ✗"
 
 
 def test_markdown_names_differing_drift_spans(tmp_path: Path, two_reports: list[Path]) -> None:
     report = json.loads(two_reports[1].read_text())
     report["drift"]["models"]["student"]["psnr_static"] = {"0-100": 15.0, "100-500": 12.0}
     other = _write(tmp_path, "c.json", report)
-    rows = _rows(markdown_table(load_reports([two_reports[0], other])))
+    rows = _tables(markdown_table(load_reports([two_reports[0], other])))[0]
     cells = {r["model"]: r["drift static PSNR, last span (dB)"] for r in rows}
     assert cells == {
         BASELINE: "100.0 (100-200)",
