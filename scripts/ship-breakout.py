@@ -3,7 +3,9 @@
     python scripts/ship-breakout.py breakout-work/runs/breakout/causal-rcm/sf-dmd/pipeline
 
 The EMA weights are stored in float16 (half the bytes; ``crcm.load`` returns float32), and the
-shipped sampler is the recipe's 1-step consistency sampler with the run's KV window.
+shipped sampler is the recipe's 1-step consistency sampler with the run's KV window. The
+pipeline's opening frames (where play and demo sessions begin) are the emulator's first screens
+after a reset: the reset frame, then FIRE (the ball is served) and NOOPs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import crcm
+from crcm.data.atari import NO_ACTION, AtariEnv
 from crcm.pipeline import SHIPPED_DIR
+
+OPENING_ACTIONS = (NO_ACTION, 1, 0, 0)  # reset, FIRE, NOOP, NOOP (Breakout's minimal ids)
+
+
+def opening_frames(frame_hw: tuple[int, int]) -> np.ndarray:
+    """The first screens of a Breakout game at the model's resolution and frameskip 4."""
+    env = AtariEnv("breakout", frameskip=4, frame_hw=frame_hw)
+    frames = [env.reset()]
+    frames += [env.step(a)[0] for a in OPENING_ACTIONS[1:]]
+    return np.stack(frames)
 
 
 def main() -> None:
@@ -25,6 +39,8 @@ def main() -> None:
     pipe = crcm.load(args.pipeline)
     pipe.name = "breakout"
     pipe.sampler = pipe.sampler.with_steps(args.steps)
+    pipe.start_frames = opening_frames(pipe.codec.frame_hw)
+    pipe.start_actions = OPENING_ACTIONS
     pipe.model.to(torch.float16)
     out = pipe.save(SHIPPED_DIR / "breakout")
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6

@@ -146,17 +146,30 @@ def run_demo(
     latencies: list[float] = []
     pilots = [Autopilot(pipe.action_names, (h, w), seed + i) for i in range(streams)]
     with Runtime(pipe, max_streams=streams) as rt:
+        # Streams begin on the model's opening frames (the game's first screen) when it has
+        # some; the autopilot sees them, and the generated frames are what is counted.
+        opening = 0 if pipe.start_frames is None else len(pipe.start_frames)
         sessions = [
-            rt.open(steps=per_stream[i], seed=seed + i, max_frames=frames_per_stream)
+            rt.open(
+                steps=per_stream[i],
+                seed=seed + i,
+                max_frames=opening + frames_per_stream,
+                **pipe.start,
+            )
             for i in range(streams)
         ]
+        first_seen: dict[int, np.ndarray | None] = dict.fromkeys(range(streams))
+        if opening:
+            rt.run_until_idle()
+            for i, session in enumerate(sessions):
+                first_seen[i] = session.read()[-1]
         bar = _progress(streams * frames_per_stream, progress)
         max_used = 0
         start = time.perf_counter()
         for _ in range(frames_per_stream):
             pushed = time.perf_counter()
             for i, session in enumerate(sessions):
-                last = frames[i][-1] if frames[i] else None
+                last = frames[i][-1] if frames[i] else first_seen[i]
                 session.push_actions([pilots[i].act(last)])
             rt.run_until_idle()  # one frame per stream, batched across the streams
             max_used = max(max_used, rt.stats()["pages_used"])

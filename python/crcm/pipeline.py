@@ -43,6 +43,11 @@ class Pipeline:
     sampler: SamplerConfig
     action_names: tuple[str, ...] = ()
     name: str = "custom"
+    # A world model's opening: real frames (uint8 [K, H, W, C]) and the action before each
+    # (-1: none), that play and demo sessions start from (``Runtime.open(context=...)``), so
+    # that a game begins on its own first screen rather than on one the model invents.
+    start_frames: np.ndarray | None = None
+    start_actions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         cfg = self.model.cfg
@@ -59,6 +64,27 @@ class Pipeline:
             raise ConfigError(
                 f"{len(self.action_names)} action names for a model with {cfg.num_actions} actions"
             )
+        if self.start_frames is not None:
+            frames = self.start_frames
+            if (
+                not isinstance(frames, np.ndarray)
+                or frames.dtype != np.uint8
+                or frames.ndim != 4
+                or frames.shape[0] < 1
+                or tuple(frames.shape[1:]) != self.frame_shape
+            ):
+                raise ConfigError(
+                    f"start_frames must be uint8 [K, {', '.join(map(str, self.frame_shape))}]"
+                )
+            actions = tuple(int(a) for a in self.start_actions)
+            if cfg.num_actions and (
+                len(actions) != frames.shape[0]
+                or any(not -1 <= a < cfg.num_actions for a in actions)
+            ):
+                raise ConfigError(
+                    f"start_actions needs one action in [-1, {cfg.num_actions}) per start frame"
+                )
+            self.start_actions = actions
 
     @classmethod
     def from_config(
@@ -158,8 +184,18 @@ class Pipeline:
             raise ConfigError(f"action must be an int in [0, {n}) or a name, got {shown}")
         return int(action)
 
+    @property
+    def start(self) -> dict[str, object]:
+        """``Runtime.open`` arguments that begin a session on the pipeline's opening frames
+        (empty when it has none)."""
+        if self.start_frames is None:
+            return {}
+        actions = list(self.start_actions) if self.model.cfg.num_actions else None
+        return {"context": self.start_frames, "context_actions": actions}
+
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes ``model.safetensors`` and ``crcm.json`` into the folder ``path`` (atomically)."""
+        """Writes ``model.safetensors`` and ``crcm.json`` (and ``start.safetensors``, the
+        opening frames, when there are some) into the folder ``path`` (atomically)."""
         if not isinstance(self.codec, PixelCodec):
             raise ConfigError("only pipelines with a PixelCodec can be saved for now")
         folder = Path(path)
@@ -179,6 +215,8 @@ class Pipeline:
             "action_names": list(self.action_names),
         }
         save_weights(self.model, folder / "model.safetensors")
+        if self.start_frames is not None:
+            _save_start(self, folder / START_FILE)
         _atomic_write(folder / "crcm.json", json.dumps(meta, indent=2))
         return folder
 
@@ -241,6 +279,7 @@ def load(
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load {weights}: {err}") from err
     model = model.to(device=device, dtype=dtype).eval()
+    start_frames, start_actions = _load_start(folder / START_FILE)
     try:
         return Pipeline(
             model=model,
@@ -248,9 +287,48 @@ def load(
             sampler=sampler,
             action_names=tuple(action_names),
             name=name,
+            start_frames=start_frames,
+            start_actions=start_actions,
         )
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+START_FILE = "start.safetensors"
+_MAX_START_BYTES = 64 * 2**20  # a few opening frames, never a video
+
+
+def _save_start(pipe: Pipeline, path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {
+        "frames": np.ascontiguousarray(pipe.start_frames),
+        "actions": np.asarray(pipe.start_actions or [-1] * len(pipe.start_frames), np.int64),
+    }
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _load_start(path: Path) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """The opening frames of a pipeline folder (``start.safetensors``), checked, or none."""
+    if not path.is_file():
+        return None, ()
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        if path.stat().st_size > _MAX_START_BYTES:
+            raise ConfigError(f"{path} is over {_MAX_START_BYTES >> 20} MiB")
+        read_safetensors_header(path)
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    frames, actions = tensors.get("frames"), tensors.get("actions")
+    if frames is None or actions is None or actions.dtype != np.int64 or actions.ndim != 1:
+        raise ConfigError(f"{path} must hold uint8 'frames' and int64 'actions'")
+    return frames, tuple(int(a) for a in actions)
 
 
 # -- checking a model folder ------------------------------------------------------------------

@@ -340,9 +340,15 @@ class Connection:
                     target_fps=None,
                     buffer_frames=4 * self._inflight(entry),
                     backpressure="drop_oldest",
+                    # A world model with opening frames starts on the game's first screen.
+                    **entry.pipeline.start,
                 )
             )
             self.stream = _Stream(session, entry, steps, time.perf_counter())
+            # The opening frames come first, answering no key: the player's first action is
+            # the one after them.
+            opening = entry.pipeline.start_frames
+            self.stream.pushed = 0 if opening is None else len(opening)
             self.action, self.seq = entry.idle_action, 0
         await self.send_json({"type": "session", "model": entry.describe(), "steps": steps})
         self.changed = True

@@ -127,6 +127,61 @@ def test_keys_drive_the_frames(browser, tmp_path):
         assert srv.play.active == 1
 
 
+def _paddle_x(driver, detector) -> float | None:
+    """The paddle's x (native px) in the frame the page's canvas shows now."""
+    import numpy as np
+
+    rgba = driver.execute_script(
+        "const c = document.getElementById('screen');"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);"
+    )
+    h, w = detector.frame_hw
+    frame = np.asarray(rgba, dtype=np.uint8).reshape(h, w, 4)[..., :3]
+    return detector.paddle_x(frame)
+
+
+def _hold(driver, key, detector, seconds: float) -> list[float | None]:
+    """Holds ``key`` for ``seconds``, reading the paddle from the canvas as frames arrive."""
+    ActionChains(driver).key_down(key).perform()
+    xs = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        xs.append(_paddle_x(driver, detector))
+        time.sleep(0.1)
+    ActionChains(driver).key_up(key).perform()
+    return xs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped Breakout model does not yet follow the keys (docs/breakout-model.md); "
+    "strict: this reports as soon as a shipped model passes",
+)
+def test_arrow_keys_move_the_shipped_models_paddle(browser):
+    """Holding → moves the Breakout paddle right and ← moves it left, read from the canvas
+    (the shipped model, as a player sees it): not merely "the frames change"."""
+    from crcm.eval.breakout import BreakoutDetector
+    from crcm.serve.app import PlayServer, ServeConfig, ServerThread, create_app, resolve_model
+
+    entry = resolve_model("breakout")
+    detector = BreakoutDetector(entry.pipeline.codec.frame_hw)
+    server = PlayServer([entry], ServeConfig(seed=0, fps=15))
+    with ServerThread(create_app(server), server.config) as srv:
+        browser.get(srv.url)
+        _wait(browser, "window.crcmPlay.received >= 10", what="10 frames")
+        right = _hold(browser, Keys.ARROW_RIGHT, detector, 3.0)
+        left = _hold(browser, Keys.ARROW_LEFT, detector, 3.0)
+    found = [x for x in right + left if x is not None]
+    assert len(found) >= 0.8 * len(right + left), f"paddle found in {len(found)} frames"
+    # The emulator's paddle crosses the screen (~130 native px) in well under 3 s at 15 frames/s:
+    # after each hold it must sit near the wall it was driven to.
+    end_right = [x for x in right[-5:] if x is not None]
+    end_left = [x for x in left[-5:] if x is not None]
+    assert end_right and end_left, (right, left)
+    assert min(end_right) > 100, f"after holding →, the paddle is at {end_right}"
+    assert max(end_left) < 60, f"after holding ←, the paddle is at {end_left}"
+
+
 @pytest.mark.skipif(
     os.environ.get("CRCM_DOCS_SCREENSHOT") != "1", reason="set CRCM_DOCS_SCREENSHOT=1 to update"
 )

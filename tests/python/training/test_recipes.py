@@ -120,18 +120,19 @@ def _moving_squares_recipes() -> dict[str, Pin]:
 def _breakout_recipes() -> dict[str, Pin]:
     b = "breakout"
     base, tf, df = f"{b}/0-base", f"{b}/1-teacher-tf", f"{b}/1-teacher-df"
-    # Breakout's DMD stages: CFG 3 and noisy context (1-step play at 60 frames/s on 2 cores).
-    dmd = dict(guidance=3.0, cache_update=False, fake_score_updates=5)
+    # Breakout's stages distil the teacher unguided (an action-only world model), and the DMD
+    # stages roll out with noisy context (1-step play at 60 frames/s on 2 cores).
+    dmd = dict(guidance=1.0, cache_update=False, fake_score_updates=5)
     return {
         base: Pin("base"),
         tf: Pin("teacher-tf"),  # from scratch: its input carries the previous frames
         df: Pin("teacher-df", init=base),
-        f"{b}/causal-rcm/2-tf-scm": Pin("tf-scm", init=tf, teacher=tf, guidance=3.0),
+        f"{b}/causal-rcm/2-tf-scm": Pin("tf-scm", init=tf, teacher=tf, guidance=1.0),
         f"{b}/causal-rcm/3-sf-dmd": Pin(
             "sf-dmd", init=f"{b}/causal-rcm/2-tf-scm", teacher=base, schedule="cycled", **dmd
         ),
         f"{b}/self-forcing/2-ode-init": Pin(
-            "ode-init", init=df, teacher=df, guidance=3.0, max_steps=4
+            "ode-init", init=df, teacher=df, guidance=1.0, max_steps=4
         ),
         f"{b}/self-forcing/3-sf-dmd": Pin(
             "sf-dmd",
@@ -141,7 +142,7 @@ def _breakout_recipes() -> dict[str, Pin]:
             max_steps=4,
             **dmd,
         ),
-        f"{b}/causal-forcing/2-tf-dcm": Pin("tf-dcm", init=tf, teacher=tf, guidance=3.0),
+        f"{b}/causal-forcing/2-tf-dcm": Pin("tf-dcm", init=tf, teacher=tf, guidance=1.0),
         f"{b}/causal-forcing/3-sf-dmd": Pin(
             "sf-dmd", init=f"{b}/causal-forcing/2-tf-dcm", teacher=base, schedule="cycled", **dmd
         ),
@@ -150,8 +151,8 @@ def _breakout_recipes() -> dict[str, Pin]:
             init=tf,
             teacher=tf,
             dmd_teacher=base,
-            guidance=3.0,
-            dmd_guidance=3.0,
+            guidance=1.0,
+            dmd_guidance=1.0,
             schedule="cycled",
             cache_update=False,
             dmd_weight=0.01,
