@@ -586,9 +586,9 @@ class Runtime:
                     generator.set_state(src.generator.get_state())
                 else:
                     generator.manual_seed(seed)
-                state = StreamState(src.sampler, src.cond, generator, self._sink(session.buffer))
-                for name in ("context", "context_used", "history", "prev", "forced", "x", "x0"):
-                    setattr(state, name, getattr(src, name))
+                # Everything the parent's stream holds (its chunk in progress, context still to
+                # prefill, previous frames), with its own noise and frame sink.
+                state = replace(src, generator=generator, sink=self._sink(session.buffer))
                 self.executor.add_stream(sid, state)
                 self.sessions[sid] = session
             except BaseException:
