@@ -265,7 +265,7 @@ def plain_pytorch_fps(
             actions = torch.zeros(1, 1, dtype=torch.long, device=device)
         pos = torch.full((1, 1), f, device=device)
         x = torch.randn((1, 1, c, h, w), generator=gen).to(device, dtype)
-        prev = model.previous_frames(torch.zeros_like(x), history)
+        prev = model.next_frame_previous(history, x)
         for k, s in enumerate(times):
             last = k + 1 == len(times)
             write[0] = last and context == "noisy"

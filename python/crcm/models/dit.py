@@ -402,6 +402,14 @@ class CausalDiT(nn.Module):
         k = self.cfg.prev_frames
         return preceding_frames(x0_B_T_C_H_W, k, history_B_K_C_H_W) if k else None
 
+    def next_frame_previous(
+        self, history_B_K_C_H_W: Tensor | None, like_B_1_C_H_W: Tensor
+    ) -> Tensor | None:
+        """The ``prev`` input of a stream's next frame (shaped like ``like``, one frame): its
+        last ``prev_frames`` finished frames from ``history`` (oldest first), zeros where the
+        stream has fewer; None for a model without frame conditioning."""
+        return self.previous_frames(torch.zeros_like(like_B_1_C_H_W), history_B_K_C_H_W)
+
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one model frame of size ``height × width`` (model space)."""
         _, ph, pw = self.cfg.patch

@@ -175,7 +175,7 @@ class Executor:
             st.context_used += T
         if self.model.cfg.prev_frames:
             history = None if st.history is None else st.history[None]
-            st.prev = self.model.previous_frames(torch.zeros_like(st.x)[None], history)[0]
+            st.prev = self.model.next_frame_previous(history, st.x[None])[0]
 
     def _finish_chunk(self, st: StreamState, x0: torch.Tensor) -> None:
         k = self.model.cfg.prev_frames

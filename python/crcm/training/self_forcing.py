@@ -45,7 +45,7 @@ from torch import Tensor
 
 from crcm.errors import ConfigError
 from crcm.masks import block_causal_mask
-from crcm.models.dit import Attention, AttnFn, CausalDiT, preceding_frames, sdpa_attention
+from crcm.models.dit import Attention, AttnFn, CausalDiT, sdpa_attention
 from crcm.sampling import SamplerConfig, euler_times
 from crcm.training.timesteps import add_noise, uniform_shift
 
@@ -306,7 +306,7 @@ def _rollout(
         prev = None
         if k_prev:  # the stream's own finished frames, as at inference (detached)
             history = torch.cat(chunks_x0[-k_prev:], dim=1).detach() if chunks_x0 else None
-            prev = preceding_frames(torch.zeros_like(x), k_prev, history)
+            prev = student.next_frame_previous(history, x)
         captured: dict[int, tuple[Tensor, Tensor]] = {}
         if frame0 < given:
             # A ground-truth context chunk, as the runtime prefills one: its clean frames at
