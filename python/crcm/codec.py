@@ -4,7 +4,13 @@ The frame buffer always holds display-ready ``uint8 [B, T, H, W, C]`` frames; th
 ``float [B, T', C', H', W']``. A codec is the only thing that crosses between the two:
   - ``PixelCodec``: pixels scaled to [-1, 1], optionally space-to-depth patched so that small
     games give few tokens (lossless up to the uint8 rounding of ``decode``);
-  - ``VAECodec``: the slot for a latent video VAE (e.g. Wan's), given as encode/decode functions.
+  - ``VAECodec``: the slot for a latent video VAE, given as encode/decode functions;
+  - ``crcm.wan.vae.WanVAECodec``: Wan2.1's causal video VAE, decoded stream by stream.
+
+A :class:`StreamingCodec` decodes a stream chunk by chunk with state kept between chunks (a
+causal VAE's convolution caches): the runtime opens one state per stream, owned by its session,
+copied on fork and dropped on close, and decodes the chunks that finish in the same step in one
+batched call. Codecs without state (``PixelCodec``) decode each chunk on its own.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ from torch import Tensor
 
 from crcm.errors import NonFiniteError
 
-__all__ = ["Codec", "PixelCodec", "VAECodec", "frames_to_unit", "unit_to_frames"]
+__all__ = [
+    "Codec",
+    "PixelCodec",
+    "StreamingCodec",
+    "VAECodec",
+    "frames_to_unit",
+    "unit_to_frames",
+    "video_frame_span",
+]
 
 
 @runtime_checkable
@@ -47,6 +61,49 @@ class Codec(Protocol):
     def decode(self, x_B_T_C_H_W: Tensor) -> Tensor:
         """``float [B, T', C', H', W']`` → ``uint8 [B, T, H, W, C]`` frames (CPU or x's device)."""
         ...
+
+
+@runtime_checkable
+class StreamingCodec(Codec, Protocol):
+    """A codec that decodes each stream incrementally, its state kept between chunks.
+
+    Attributes:
+        first_frame_alone: a causal video VAE's layout: model frame 0 decodes to 1 frame and
+            every later one to ``temporal_downsample`` frames (Wan: 1, 4, 4, …).
+    """
+
+    first_frame_alone: bool
+
+    def open_stream(self) -> object:
+        """A fresh decoder state for one stream (nothing decoded yet)."""
+        ...
+
+    def fork_stream(self, state: object) -> object:
+        """An independent copy of ``state`` (a forked session continues from it)."""
+        ...
+
+    def decode_streams(self, chunks: list[Tensor], states: list[object]) -> list[Tensor]:
+        """Decodes the next chunk of each stream, ``float [T', C', H', W']`` each, in one
+        batched call where it can; advances each state. Returns ``uint8 [T, H, W, C]`` frames
+        per stream."""
+        ...
+
+
+def video_frame_span(codec: Codec, first: int, count: int) -> tuple[int, int]:
+    """The display frames of model frames ``first … first + count − 1``: ``(start, length)``.
+
+    Without temporal compression these are the same numbers; a causal video VAE
+    (``first_frame_alone``) gives frame 0 one display frame and every later one
+    ``temporal_downsample``.
+    """
+    td = codec.temporal_downsample
+    if not getattr(codec, "first_frame_alone", False):
+        return first * td, count * td
+
+    def start(i: int) -> int:
+        return 0 if i == 0 else 1 + (i - 1) * td
+
+    return start(first), start(first + count) - start(first)
 
 
 def frames_to_unit(

@@ -1,0 +1,1 @@
+../python/crcm/kernels/_common.py

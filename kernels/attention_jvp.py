@@ -1,0 +1,1 @@
+../python/crcm/kernels/attention_jvp.py

@@ -1,0 +1,1 @@
+../python/crcm/kernels/paged_attention.py
