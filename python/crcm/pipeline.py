@@ -48,9 +48,22 @@ class Pipeline:
     # that a game begins on its own first screen rather than on one the model invents.
     start_frames: np.ndarray | None = None
     start_actions: tuple[int, ...] = ()
+    # A text model's prompt encoder (``crcm.wan.text.WanTextEncoder``: ``encode(list[str])``
+    # gives ``[B, text_len, text_dim]`` tokens) and the negative prompt of guided sampling.
+    text_encoder: object | None = None
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         cfg = self.model.cfg
+        if self.text_encoder is not None:
+            if cfg.cond != "text":
+                raise ConfigError("a text encoder needs a text-conditioned model (cond='text')")
+            dim, length = self.text_encoder.dim, self.text_encoder.text_len
+            if (dim, length) != (cfg.text_dim, cfg.text_len):
+                raise ConfigError(
+                    f"the text encoder gives [{length}, {dim}] tokens but the model takes "
+                    f"[{cfg.text_len}, {cfg.text_dim}]"
+                )
         if self.codec.channels != cfg.in_channels:
             raise ConfigError(
                 f"codec gives {self.codec.channels} channels but the model takes {cfg.in_channels}"

@@ -20,8 +20,19 @@ frames (``StreamState.history``) with every row of a chunk.
 
 Streams sampled with classifier-free guidance run a second, unconditional row that reads and
 writes plane 1 of the cache (same page ids), so both branches keep their own context. The
-unconditional row drops the per-video condition, or — for models without one, such as world
-models conditioned on actions only — the actions (the convention of the training objectives).
+unconditional row takes the stream's negative condition (a text model's negative prompt), else
+drops the per-video condition, or — for models without one, such as world models conditioned on
+actions only — the actions (the convention of the training objectives).
+
+Decoding: the chunks that finish in the same forward are decoded together; a
+:class:`~crcm.codec.StreamingCodec` (a causal video VAE) continues each stream from its own
+decoder state, so no past frame is decoded twice.
+
+Condition switching (a new prompt mid-stream, LongLive's KV re-cache): a stream's new condition
+takes effect at its next chunk. Before that chunk, the K/V of every frame still in its cache are
+recomputed under the new condition from the very inputs that wrote them (kept per written chunk:
+the clean chunk at s = 0, or the noisy one with noisy context), in their original chunks and
+order, so the cache equals one built from scratch with the new condition over the same frames.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import numpy as np
 import torch
 
 from crcm import _native
-from crcm.codec import Codec
+from crcm.codec import Codec, StreamingCodec, video_frame_span
 from crcm.models import CausalDiT
 from crcm.runtime.attention import RowPages, select_backend
 from crcm.runtime.kv_cache import PagedKVCache
@@ -43,6 +54,19 @@ DENOISE, CACHE_UPDATE = 0, 1
 
 FrameSink = Callable[[np.ndarray, int], None]
 """Receives a chunk's decoded frames ``uint8 [T, H, W, C]`` and the index of the first one."""
+PageTable = Callable[[int], tuple[np.ndarray, np.ndarray]]
+"""A stream's resident frames and their pages (``Scheduler.page_table``)."""
+
+
+@dataclass
+class WrittenChunk:
+    """The inputs of a forward that wrote one chunk's K/V: what a re-cache runs again."""
+
+    frame_start: int
+    x: torch.Tensor  # [T, C, H, W], the chunk as the network saw it
+    s: float  # its time (0 for the clean cache-update pass)
+    actions: torch.Tensor | None  # [T]
+    prev: torch.Tensor | None  # [T, k·C, H, W]
 
 
 @dataclass
@@ -62,6 +86,11 @@ class StreamState:
     history: torch.Tensor | None = None  # the last finished frames, [k, C, H, W] (prev_frames)
     prev: torch.Tensor | None = None  # the current chunk's previous frames, [T, k·C, H, W]
     forced: bool = False  # whether the current chunk is taken from `context`
+    decoder: object | None = None  # a StreamingCodec's state for this stream
+    uncond: torch.Tensor | None = None  # the unconditional rows' condition (negative prompt)
+    pending_cond: torch.Tensor | None = None  # a new condition, from the next chunk on
+    # The chunks whose K/V are in the cache, kept for a condition switch (text models only).
+    written: list[WrittenChunk] = field(default_factory=list)
     guided: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,10 +107,12 @@ class Executor:
         cache: PagedKVCache,
         latent_chw: tuple[int, int, int],
         attention_backend: str = "auto",
+        page_table: PageTable | None = None,
     ) -> None:
         self.model = model
         self.codec = codec
         self.cache = cache
+        self.page_table = page_table
         self.latent_chw = latent_chw
         self.attention = select_backend(attention_backend, cache)
         self.streams: dict[int, StreamState] = {}
@@ -111,6 +142,8 @@ class Executor:
         x_rows = []
         for j, st in enumerate(states):
             if kinds[j] == DENOISE and plan.step[items[j]] == 0:
+                if st.pending_cond is not None:
+                    self._switch_cond(int(plan.stream_ids[items[j]]), st)
                 self._start_chunk(st, T)
             if st.forced:  # a context frame: the clean frame at s = 0, every pass
                 s_item[j] = 0.0
@@ -134,6 +167,7 @@ class Executor:
             prev_R = torch.stack([states[j].prev for j in rows])
 
         attn_fn = self._attention(plan, items[rows], planes, T)
+        self._remember_writes(plan, items, states, x_R, s_item, actions_R_T, prev_R)
         v_R = self.model(
             x_R,
             s_R_T,
@@ -144,6 +178,7 @@ class Executor:
             prev_B_T_C_H_W=prev_R,
         )
 
+        finished: list[tuple[StreamState, torch.Tensor, int]] = []
         for j, st in enumerate(states):
             if kinds[j] != DENOISE:
                 continue
@@ -163,8 +198,20 @@ class Executor:
             if plan.emits_frames[i]:
                 st.x0 = x0
                 self._finish_chunk(st, x0)
-                frames = self.codec.decode(x0[None])[0]
-                st.sink(frames.cpu().numpy(), int(plan.frame_start[i]))
+                finished.append((st, x0, int(plan.frame_start[i])))
+        if finished:
+            self._emit(finished)
+
+    def _emit(self, finished: list[tuple[StreamState, torch.Tensor, int]]) -> None:
+        """Decodes the finished chunks in one call and hands each stream its frames."""
+        chunks = [x0 for _, x0, _ in finished]
+        if isinstance(self.codec, StreamingCodec):
+            frames = self.codec.decode_streams(chunks, [st.decoder for st, _, _ in finished])
+        else:
+            frames = list(self.codec.decode(torch.stack(chunks)))
+        for (st, x0, first), f in zip(finished, frames, strict=True):
+            start, _ = video_frame_span(self.codec, first, x0.shape[0])
+            st.sink(f.cpu().numpy(), start)
 
     def _start_chunk(self, st: StreamState, T: int) -> None:
         """A new chunk: pure noise, or the next context frames; its previous frames."""
@@ -184,6 +231,98 @@ class Executor:
             st.history = frames[-k:]
         if st.forced and st.context_used >= st.context.shape[0]:
             st.context = None  # the prefill is done; free it
+
+    def _remember_writes(
+        self,
+        plan: _native.Plan,
+        items: np.ndarray,
+        states: list[StreamState],
+        x_R: torch.Tensor,
+        s_item: np.ndarray,
+        actions_R_T: torch.Tensor | None,
+        prev_R: torch.Tensor | None,
+    ) -> None:
+        """Keeps the inputs of each conditional row that writes K/V (text models only)."""
+        if self.model.cfg.cond != "text":
+            return
+        for j, st in enumerate(states):
+            i = items[j]
+            if plan.write_indptr[i + 1] == plan.write_indptr[i]:
+                continue
+            frame = int(plan.frame_start[i])
+            # Only chunks that can still be in the cache are kept: the sink and the window.
+            sampler = st.sampler
+            oldest = None if sampler.window_frames is None else frame - sampler.window_frames
+            st.written = [
+                w
+                for w in st.written
+                if w.frame_start != frame
+                and (
+                    oldest is None
+                    or w.frame_start < sampler.sink_frames
+                    or w.frame_start + w.x.shape[0] > oldest
+                )
+            ]
+            st.written.append(
+                WrittenChunk(
+                    frame,
+                    x_R[j].clone(),
+                    float(s_item[j]),
+                    None if actions_R_T is None else actions_R_T[j].clone(),
+                    None if prev_R is None else prev_R[j].clone(),
+                )
+            )
+
+    def _switch_cond(self, stream_id: int, st: StreamState) -> None:
+        """Recomputes the stream's cached K/V under its new condition, then switches to it."""
+        cond, st.pending_cond = st.pending_cond, None
+        frames, pages = self.page_table(stream_id)
+        resident = {int(f): k for k, f in enumerate(frames)}
+        st.written = [w for w in st.written if w.frame_start in resident]
+        st.written.sort(key=lambda w: w.frame_start)
+        ppf = self.cache.pages_per_frame
+        page_lens = np.array(
+            [
+                min(
+                    self.cache.page_tokens, self.cache.tokens_per_frame - k * self.cache.page_tokens
+                )
+                for k in range(ppf)
+            ],
+            dtype=np.int32,
+        )
+        dev = self._device
+        for w in st.written:
+            T = w.x.shape[0]
+            rows = [resident.get(w.frame_start + t) for t in range(T)]
+            keep = [t for t, r in enumerate(rows) if r is not None]
+            own = np.asarray([rows[t] for t in keep])
+            before = np.asarray([k for f, k in resident.items() if f < w.frame_start], dtype=int)
+            before = before[np.argsort(frames[before])] if len(before) else before
+            ctx = RowPages(
+                pages[before].reshape(-1).astype(np.int32),
+                np.tile(page_lens, len(before)),
+                0,
+            )
+            slots = self.cache.token_slots(torch.from_numpy(pages[own]).to(dev))
+            x = w.x[keep][None]
+            n = len(keep)
+            backend_ctx = self.attention.prepare([ctx], n * self.cache.tokens_per_frame)
+
+            def attn_fn(layer, q, k, v, slots=slots, backend_ctx=backend_ctx):
+                self.cache.write(0, layer, slots, k[0], v[0])
+                return self.attention.attend(layer, q, k, v, backend_ctx)
+
+            pos = torch.tensor([[w.frame_start + t for t in keep]], device=dev)
+            self.model(
+                x,
+                torch.full((1, n), w.s, device=dev),
+                frame_pos_B_T=pos,
+                cond=cond,
+                actions_B_T=None if w.actions is None else w.actions[keep][None],
+                attention=attn_fn,
+                prev_B_T_C_H_W=None if w.prev is None else w.prev[keep][None],
+            )
+        st.cond = cond
 
     def _noise(self, st: StreamState, T: int) -> torch.Tensor:
         # Drawn on the stream's own generator (CPU, so results do not depend on the device):
@@ -208,9 +347,18 @@ class Executor:
     def _cond(self, states: list[StreamState], rows: list[int], n_cond: int) -> torch.Tensor | None:
         if self.model.cfg.cond == "none":
             return None
-        cond = torch.cat([states[j].cond for j in rows])
+        # The unconditional rows of guided streams (after the first n_cond) take the stream's
+        # negative condition where it has one, else the model's null condition.
+        negative = [k >= n_cond and states[j].uncond is not None for k, j in enumerate(rows)]
+        cond = torch.cat(
+            [
+                states[j].uncond if neg else states[j].cond
+                for j, neg in zip(rows, negative, strict=True)
+            ]
+        )
         drop = torch.zeros(len(rows), dtype=torch.bool, device=cond.device)
-        drop[n_cond:] = True  # the unconditional rows of guided streams
+        drop[n_cond:] = True
+        drop[torch.tensor(negative, dtype=torch.bool, device=cond.device)] = False
         return self.model.drop_cond(cond, drop)
 
     def _attention(

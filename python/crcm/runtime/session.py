@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from crcm import _native
+from crcm.codec import StreamingCodec, video_frame_span
 from crcm.errors import ConfigError, CrcmError, InvalidStateError
 from crcm.pipeline import Pipeline
 from crcm.runtime.executor import Executor, StreamState
@@ -108,13 +109,15 @@ class Session:
         self.backpressure = backpressure
         self.target_fps = target_fps
         self.error: Exception | None = None  # why the runtime ended this session, if it did
+        self._display_limit: int | None = None  # max_frames, in display frames
         self._closed = False
 
     def _buffer_is_full(self) -> bool:
         """Whether one more chunk could overflow a blocking buffer (the stream must pause)."""
         if self.backpressure != "block":
             return False
-        return len(self.buffer) + self.sampler.chunk_frames > self.buffer_frames
+        chunk = self.runtime._chunk_display_frames(self.sampler)
+        return len(self.buffer) + chunk > self.buffer_frames
 
     @property
     def closed(self) -> bool:
@@ -179,6 +182,18 @@ class Session:
     def stats(self) -> dict[str, object]:
         self._check_open()
         return {**self.runtime.scheduler.stream_stats(self.id), **self.buffer.stats()}
+
+    def set_prompt(self, prompt: str) -> None:
+        """Switches a text model's prompt from the next chunk on, without a restart: the K/V
+        of the frames in the cache are recomputed under the new prompt first (LongLive's
+        re-cache), so the video changes smoothly. Needs a pipeline with a text encoder."""
+        self._check_open()
+        self.runtime._switch_cond(self, self.runtime._encode_prompt(prompt))
+
+    def set_cond(self, cond: int | torch.Tensor) -> None:
+        """Like :meth:`set_prompt` with a condition as ``Runtime.open(cond=...)`` takes it."""
+        self._check_open()
+        self.runtime._switch_cond(self, cond)
 
     def fork(self, *, seed: int | None = None) -> Session:
         """A new session continuing from this one's context (shared KV pages)."""
@@ -266,7 +281,14 @@ class Runtime:
             device=self.device,
             dtype=next(model.parameters()).dtype,
         )
-        self.executor = Executor(model, pipeline.codec, self.cache, (c, h, w), attention_backend)
+        self.executor = Executor(
+            model,
+            pipeline.codec,
+            self.cache,
+            (c, h, w),
+            attention_backend,
+            page_table=self.scheduler.page_table,
+        )
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # one plan at a time; guards sessions and the executor
@@ -282,6 +304,8 @@ class Runtime:
         sampler: SamplerConfig | str | None = None,
         steps: int | Sequence[int] | None = None,
         cond: int | torch.Tensor | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
         seed: int | None = None,
         actions: bool | None = None,
         max_frames: int | None = None,
@@ -300,9 +324,13 @@ class Runtime:
             steps: steps per chunk (an int, or a per-chunk schedule such as ``(4, 2)``).
             cond: per-video condition — a class id, text tokens ``[text_len, text_dim]``, or
                 None for the null condition.
+            prompt: for a pipeline with a text encoder (``crcm.load`` of a Wan folder): the
+                text, encoded (and cached) for you; instead of ``cond``. Default: ``""``.
+            negative_prompt: the unconditional branch of guided (CFG) sampling; default: the
+                pipeline's negative prompt.
             seed: noise seed of this stream (random when None).
             actions: whether frames wait for pushed actions (default: the model takes actions).
-            max_frames: stop after this many frames.
+            max_frames: stop after this many (display) frames.
             target_fps: pacing of the frame buffer and the scheduler's deadlines.
             buffer_frames / backpressure: the frame buffer's capacity and what happens when it
                 is full: ``"block"`` pauses this stream's generation, ``"drop_oldest"`` drops.
@@ -328,8 +356,10 @@ class Runtime:
                 "this model conditions on its previous frames and streams one frame per chunk; "
                 f"got chunk_frames={sampler.chunk_frames}"
             )
+        display_limit = None
         if max_frames is not None:
-            max_frames = _int_arg("max_frames", max_frames, 1, 2**64, "2**64")
+            display_limit = _int_arg("max_frames", max_frames, 1, 2**63, "2**63")
+            max_frames = self._model_frames_for(display_limit)
         if target_fps is not None:
             ok = not isinstance(target_fps, (bool, np.bool_)) and isinstance(
                 target_fps, numbers.Real
@@ -345,17 +375,27 @@ class Runtime:
             raise ConfigError(
                 f"backpressure must be 'block' or 'drop_oldest', got {backpressure!r}"
             )
-        if backpressure == "block" and buffer_frames < sampler.chunk_frames:
+        chunk_display = self._chunk_display_frames(sampler)
+        if backpressure == "block" and buffer_frames < chunk_display:
             raise ConfigError(
-                f"buffer_frames={buffer_frames} cannot hold one chunk of {sampler.chunk_frames} "
+                f"buffer_frames={buffer_frames} cannot hold one chunk of {chunk_display} "
                 "frames: with backpressure='block' the stream would wait forever"
             )
         if not isinstance(admission, str) or admission not in ADMISSIONS:
             raise ConfigError(f"admission must be 'refuse' or 'queue', got {admission!r}")
         seed = _seed_arg("seed", seed)
         context_x, context_ids = self._context(context, context_actions, sampler, needs_actions)
-        cond_row = self._cond_row(cond)
         guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
+        encoder = self.pipeline.text_encoder
+        if prompt is not None and cond is not None:
+            raise ConfigError("give a prompt or a cond, not both")
+        if prompt is not None or (cond is None and encoder is not None):
+            cond = self._encode_prompt("" if prompt is None else prompt)
+        cond_row = self._cond_row(cond)
+        uncond_row = None
+        if negative_prompt is not None or (guided and encoder is not None):
+            text = self.pipeline.negative_prompt if negative_prompt is None else negative_prompt
+            uncond_row = self._cond_row(self._encode_prompt(text))
         if guided and self.cache.planes < 2:
             raise ConfigError(
                 "guided sampling (cfg_scale != 1) needs the unconditional KV plane: create the "
@@ -390,8 +430,14 @@ class Runtime:
                 admission=admission,
             )
             try:
-                state = StreamState(sampler, cond_row, generator, self._sink(session.buffer))
+                session._display_limit = display_limit
+                state = StreamState(
+                    sampler, cond_row, generator, self._sink(session.buffer, display_limit)
+                )
                 state.context = context_x
+                state.uncond = uncond_row
+                if isinstance(self.pipeline.codec, StreamingCodec):
+                    state.decoder = self.pipeline.codec.open_stream()
                 self.executor.add_stream(sid, state)
                 self.sessions[sid] = session
                 if context_ids:
@@ -434,10 +480,19 @@ class Runtime:
                 f"{frames.dtype} {list(frames.shape)}"
             )
         K = frames.shape[0]
-        if K == 0 or K % sampler.chunk_frames:
+        codec = self.pipeline.codec
+        model_frames = self._model_frames_for(K) if K else 0
+        if K == 0 or video_frame_span(codec, 0, model_frames)[1] != K:
             raise ConfigError(
-                f"context has {K} frames: it must be a positive multiple of the chunk size "
-                f"{sampler.chunk_frames}"
+                f"context has {K} frames: the codec takes 1 + {codec.temporal_downsample}·n"
+                if getattr(codec, "first_frame_alone", False)
+                else f"context has {K} frames: it must be a positive multiple of "
+                f"{codec.temporal_downsample}"
+            )
+        if model_frames % sampler.chunk_frames:
+            raise ConfigError(
+                f"context has {K} frames ({model_frames} model frames): that must be a "
+                f"positive multiple of the chunk size {sampler.chunk_frames}"
             )
         ids: list[int] = []
         if actions is not None and (
@@ -509,6 +564,46 @@ class Runtime:
             )
         return tuple(int(n) for n in schedule)
 
+    def _model_frames_for(self, display_frames: int) -> int:
+        """The fewest model frames that decode to at least ``display_frames`` frames."""
+        codec = self.pipeline.codec
+        td = codec.temporal_downsample
+        if getattr(codec, "first_frame_alone", False):
+            return 1 + -(-(display_frames - 1) // td)
+        return -(-display_frames // td)
+
+    def _chunk_display_frames(self, sampler: SamplerConfig) -> int:
+        """The most display frames one chunk of ``sampler`` can emit."""
+        return sampler.chunk_frames * self.pipeline.codec.temporal_downsample
+
+    def _encode_prompt(self, prompt: object) -> torch.Tensor:
+        encoder = self.pipeline.text_encoder
+        if encoder is None:
+            raise ConfigError(
+                "this pipeline has no text encoder: pass cond= tokens, or load a model folder "
+                "with one (crcm.load of a diffusers Wan folder)"
+            )
+        if not isinstance(prompt, str):
+            raise ConfigError(f"a prompt must be a string, got {_short(prompt)}")
+        return encoder.encode([prompt])[0]
+
+    def _switch_cond(self, session: Session, cond: object) -> None:
+        if self.pipeline.model.cfg.cond != "text":
+            raise ConfigError("only text-conditioned models can switch their prompt mid-stream")
+        row = self._cond_row(cond)
+        with self._lock:
+            session._check_open()
+            own = {int(p) for p in self.scheduler.page_table(session.id)[1].reshape(-1)}
+            for sid in self.sessions:
+                theirs = self.scheduler.page_table(sid)[1].reshape(-1)
+                if sid != session.id and own.intersection(int(p) for p in theirs):
+                    raise InvalidStateError(
+                        f"session {session.id} shares cached frames with session {sid} (a "
+                        "fork): switching its prompt would rewrite theirs too"
+                    )
+            self.executor.streams[session.id].pending_cond = row
+        self._wake.set()
+
     def _cond_row(self, cond: int | torch.Tensor | None) -> torch.Tensor | None:
         """The stream's condition row, checked: a class id in range, or text tokens of the
         model's shape with finite values (NaN/inf tokens would make every frame NaN)."""
@@ -552,8 +647,10 @@ class Runtime:
         return tokens[None].to(self.device, model.null_text.dtype)
 
     @staticmethod
-    def _sink(buffer: _native.FrameBuffer):
+    def _sink(buffer: _native.FrameBuffer, limit: int | None = None):
         def sink(frames: np.ndarray, first: int) -> None:
+            if limit is not None:  # a video VAE's last chunk may decode past max_frames
+                frames = frames[: max(0, limit - first)]
             for k, frame in enumerate(frames):
                 # A "block" buffer never blocks the executor: the stream is paused before its
                 # buffer can overflow (see step()); timeout=0 turns a bug into an error.
@@ -588,7 +685,14 @@ class Runtime:
                     generator.manual_seed(seed)
                 # Everything the parent's stream holds (its chunk in progress, context still to
                 # prefill, previous frames), with its own noise and frame sink.
-                state = replace(src, generator=generator, sink=self._sink(session.buffer))
+                state = replace(
+                    src,
+                    generator=generator,
+                    sink=self._sink(session.buffer, parent._display_limit),
+                    written=list(src.written),
+                )
+                if src.decoder is not None:
+                    state.decoder = self.pipeline.codec.fork_stream(src.decoder)
                 self.executor.add_stream(sid, state)
                 self.sessions[sid] = session
             except BaseException:
