@@ -154,10 +154,22 @@ def _cond(text: str):
 def _cmd_stream(args: argparse.Namespace) -> int:
     _need("av")
     from crcm.serve.app import resolve_model
-    from crcm.stream import parse_actions, read_action_file, write_video
+    from crcm.stream import parse_actions, read_action_file, read_prompt_file, write_video
 
-    entry = resolve_model(args.model)
+    if (args.height is None) != (args.width is None):
+        raise ConfigError("give --height and --width together")
+    entry = resolve_model(
+        args.model,
+        checkpoint=args.checkpoint,
+        checkpoint_key=args.checkpoint_key,
+        frame_hw=None if args.height is None else (args.height, args.width),
+    )
     pipe = entry.pipeline
+    prompts = args.prompt
+    if args.prompt_file is not None:
+        prompts = read_prompt_file(args.prompt_file)
+    if prompts is not None and pipe.text_encoder is None:
+        raise ConfigError(f"{entry.name!r} has no text encoder: --prompt needs a text model")
     actions = None
     if args.action_file is not None:
         actions = read_action_file(args.action_file, pipe)
@@ -180,6 +192,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         frames,
         actions=actions,
         cond=None if args.cond is None else _cond(args.cond),
+        prompts=prompts,
+        negative_prompt=args.negative_prompt,
+        sampler_preset=args.sampler,
         steps=args.steps,
         chunk=args.chunk,
         seed=args.seed,
@@ -207,12 +222,43 @@ def add_stream_parser(subparsers) -> argparse.ArgumentParser:
         description="Generates frames with the streaming runtime and encodes them to MP4 as they "
         "come: the KV cache is a sink + sliding window and frames go straight to the encoder, so "
         "the length is limited by the disk only. World models follow --actions or "
-        "--action-file (default: seeded random play); video models take --cond.",
+        "--action-file (default: seeded random play); text-to-video models (a local diffusers "
+        "Wan2.1 folder, optionally with a causal student --checkpoint) take --prompt or "
+        "--prompt-file; other video models take --cond.",
     )
     stream.add_argument("out", type=Path, metavar="OUT.mp4", help="the video file to write")
     stream.add_argument(
-        "--model", default="breakout", help="model name or pipeline folder (breakout)"
+        "--model",
+        default="breakout",
+        help="model name, pipeline folder or diffusers Wan2.1 folder (breakout)",
     )
+    stream.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="Wan folders: a causal student (.safetensors, or .pt read with weights_only) "
+        "whose weights replace the folder's transformer",
+    )
+    stream.add_argument(
+        "--checkpoint-key", metavar="KEY", help="the model in a .pt (generator_ema, generator)"
+    )
+    stream.add_argument(
+        "--sampler",
+        metavar="NAME",
+        help="a sampler preset: self-forcing, causal-rcm, consistency, teacher (the model's)",
+    )
+    prompt = stream.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", metavar="TEXT", help="text-to-video: what to show")
+    prompt.add_argument(
+        "--prompt-file",
+        type=Path,
+        help="text-to-video: one 'FRAME: prompt' per line, the first at frame 0; each prompt "
+        "takes over mid-stream without a restart",
+    )
+    stream.add_argument(
+        "--negative-prompt", metavar="TEXT", help="guided sampling's negative prompt (Wan's)"
+    )
+    stream.add_argument("--height", type=_positive, help="Wan folders: frame height (480)")
+    stream.add_argument("--width", type=_positive, help="Wan folders: frame width (832)")
     stream.add_argument("--frames", type=_positive, help="frames to write (120)")
     acts = stream.add_mutually_exclusive_group()
     acts.add_argument(
@@ -230,7 +276,9 @@ def add_stream_parser(subparsers) -> argparse.ArgumentParser:
     )
     stream.add_argument("--chunk", type=_positive, help="frames per chunk (the model's)")
     stream.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    stream.add_argument("--fps", type=_fps, default=30.0, help="frame rate of the video (30)")
+    stream.add_argument(
+        "--fps", type=_fps, help="frame rate of the video (16 for Wan's VAE video, else 30)"
+    )
     stream.add_argument(
         "--scale", type=_positive, help="integer upscaling (default: shorter side >= 256 px)"
     )

@@ -246,9 +246,42 @@ def load(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_key: str | None = None,
+    frame_hw: tuple[int, int] | None = None,
+    sampler: SamplerConfig | str | None = None,
 ) -> Pipeline:
-    """Loads a shipped model by name or a saved pipeline folder."""
+    """Loads a shipped model by name, a saved pipeline folder, or a local diffusers Wan2.1
+    text-to-video folder (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``, ``scheduler/``).
+
+    For a Wan folder: ``checkpoint`` a causal student whose weights replace the transformer's
+    (safetensors, or a ``.pt`` read with ``weights_only=True``; ``checkpoint_key`` picks the
+    model in it), ``frame_hw`` the video size (480×832), ``sampler`` a preset name or
+    :class:`SamplerConfig` (``self-forcing``). See :func:`crcm.wan.load.load_wan_pipeline`.
+    """
+    from crcm.wan.folder import is_wan_folder
+
     folder = Path(name_or_path)
+    if is_wan_folder(folder):
+        from crcm.wan.load import load_wan_pipeline
+
+        return load_wan_pipeline(
+            folder,
+            checkpoint=checkpoint,
+            checkpoint_key=checkpoint_key,
+            frame_hw=frame_hw,
+            sampler=sampler,
+            device=device,
+            dtype=dtype,
+        )
+    extra = {"checkpoint": checkpoint, "frame_hw": frame_hw, "sampler": sampler}
+    given = [k for k, v in extra.items() if v is not None]
+    if given or checkpoint_key is not None:
+        raise ConfigError(
+            f"{', '.join(given or ['checkpoint_key'])} apply to Wan folders only; "
+            f"{str(name_or_path)!r} is not one"
+        )
     if not (folder / "crcm.json").is_file():
         shipped = SHIPPED_DIR / str(name_or_path)
         if not (shipped / "crcm.json").is_file():

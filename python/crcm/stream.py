@@ -22,7 +22,14 @@ import numpy as np
 
 from crcm.errors import ConfigError
 
-__all__ = ["StreamResult", "parse_actions", "random_actions", "read_action_file", "write_video"]
+__all__ = [
+    "StreamResult",
+    "parse_actions",
+    "random_actions",
+    "read_action_file",
+    "read_prompt_file",
+    "write_video",
+]
 
 MAX_SIDE = 4096  # output frames larger than this (after --scale) are refused
 
@@ -72,6 +79,34 @@ def read_action_file(path: str | os.PathLike[str], pipeline) -> list[int]:
     return ids
 
 
+def read_prompt_file(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """Prompts with the frame each starts at, one per line: ``FRAME: text`` (``#`` comments).
+
+    The first starts at frame 0; frames increase. A prompt takes over at the chunk that holds
+    its frame (LongLive's KV re-cache: the video changes smoothly, without a restart).
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read prompt file {path}: {err}") from err
+    schedule: list[tuple[int, str]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        frame, sep, prompt = line.partition(":")
+        if not sep or not frame.strip().isdigit() or not prompt.strip():
+            raise ConfigError(f"{path}:{lineno}: write FRAME: prompt, e.g. '0: a cat on a sofa'")
+        start = int(frame)
+        if schedule and start <= schedule[-1][0]:
+            raise ConfigError(f"{path}:{lineno}: frame {start} is not after {schedule[-1][0]}")
+        schedule.append((start, prompt.strip()))
+    if not schedule:
+        raise ConfigError(f"prompt file {path} holds no prompt")
+    if schedule[0][0] != 0:
+        raise ConfigError(f"{path}: the first prompt must start at frame 0")
+    return schedule
+
+
 def random_actions(num_actions: int, seed: int) -> Iterator[int]:
     """Seeded random play: each action is held for 1–8 frames, as a player would."""
     rng = random.Random(seed)
@@ -92,10 +127,13 @@ def write_video(
     *,
     actions: Iterable[int] | None = None,
     cond=None,
+    prompts: str | Sequence[tuple[int, str]] | None = None,
+    negative_prompt: str | None = None,
+    sampler_preset: str | None = None,
     steps: int | Sequence[int] | None = None,
     chunk: int | None = None,
     seed: int = 0,
-    fps: float = 30.0,
+    fps: float | None = None,
     scale: int | None = None,
     progress: bool = True,
 ) -> StreamResult:
@@ -105,19 +143,33 @@ def write_video(
         actions: one action id per frame for world models (an iterator is consumed lazily;
             a finite one shorter than ``num_frames`` is cycled).
         cond: a video model's condition (class id or text tokens), as ``Runtime.open`` takes.
+        prompts: a text model's prompt, or ``[(frame, prompt), …]`` starting at frame 0 to
+            switch prompts mid-stream (each from the chunk that holds its frame).
+        sampler_preset: a preset name (``self-forcing``, ``causal-rcm``, …) instead of the
+            pipeline's sampler; its sink and window stay the pipeline's.
         steps / chunk: steps per chunk and frames per chunk (default: the pipeline's sampler).
+        fps: frame rate of the file (default: 16 for a video VAE's output, as Wan's, else 30).
         scale: integer nearest-neighbour upscaling (default: the smallest making the shorter
             side at least 256 pixels, so that small world-model frames stay watchable).
     """
     import itertools
 
     from crcm.runtime import Runtime
+    from crcm.sampling import get_preset
 
     if num_frames < 1:
         raise ConfigError(f"the number of frames must be >= 1, got {num_frames}")
+    if fps is None:
+        fps = 16.0 if pipeline.codec.temporal_downsample > 1 else 30.0
     if not 0.1 <= fps <= 1000:
         raise ConfigError(f"fps must be in [0.1, 1000], got {fps}")
     sampler = pipeline.sampler
+    if sampler_preset is not None:
+        sampler = replace(
+            get_preset(sampler_preset),
+            sink_frames=sampler.sink_frames,
+            window_frames=sampler.window_frames,
+        )
     if chunk is not None:
         if chunk < 1:
             raise ConfigError(f"chunk must be >= 1 frame, got {chunk}")
@@ -147,9 +199,21 @@ def write_video(
     # H.264 in yuv420p needs even sides: pad one edge row/column where needed.
     out_h, out_w = h * scale + (h * scale) % 2, w * scale + (w * scale) % 2
 
+    schedule: list[tuple[int, str]] = []
+    if isinstance(prompts, str):
+        schedule = [(0, prompts)]
+    elif prompts is not None:
+        schedule = [(int(f), p) for f, p in prompts]
+        if not schedule or schedule[0][0] != 0:
+            raise ConfigError("the first prompt must start at frame 0")
+    if schedule and cond is not None:
+        raise ConfigError("give prompts or a cond, not both")
+
     context = sampler.sink_frames + sampler.window_frames + sampler.chunk_frames
     guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
     runtime = Runtime(pipeline, max_streams=1, context_frames=context, cfg=guided)
+    # Where each later prompt takes over: the model frame that decodes to its first frame.
+    switches = [(runtime._model_frames_for(f + 1) - 1, p) for f, p in schedule[1:]]
     target = Path(path)
     tmp = target.with_name(f".{target.name}.part")
     encoder = _Encoder(tmp, out_w, out_h, fps, label=target)
@@ -164,9 +228,11 @@ def write_video(
                 sampler=sampler,
                 steps=steps,
                 cond=cond,
+                prompt=schedule[0][1] if schedule else None,
+                negative_prompt=negative_prompt,
                 seed=seed,
                 max_frames=num_frames,
-                buffer_frames=2 * sampler.chunk_frames,
+                buffer_frames=2 * runtime._chunk_display_frames(sampler),
                 backpressure="block",  # the stream pauses until the encoder catches up
             )
             pushed = 0
@@ -179,6 +245,10 @@ def write_video(
                     if needs_actions and pushed < ahead:
                         session.push_actions(list(itertools.islice(actions, ahead - pushed)))
                         pushed = ahead
+                    made = int(session.stats()["frames_emitted"])  # model frames
+                    while switches and made + sampler.chunk_frames > switches[0][0]:
+                        # The next chunk holds the prompt's first frame: it starts there.
+                        session.set_prompt(switches.pop(0)[1])
                     ran = runtime.step()
                     result.peak_pages = max(result.peak_pages, runtime.stats()["pages_used"])
                     frames = session.read(max_frames=num_frames - result.frames)

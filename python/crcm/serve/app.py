@@ -174,18 +174,20 @@ class ModelEntry:
         }
 
 
-def resolve_model(name_or_path: str) -> ModelEntry:
-    """A pipeline folder or shipped model via :func:`crcm.load`; ``tiny`` (no shipped model)
-    is an untrained pipeline of that config, labelled as such everywhere it is shown."""
+def resolve_model(name_or_path: str, **load_options: object) -> ModelEntry:
+    """A pipeline folder, Wan folder or shipped model via :func:`crcm.load` (which takes
+    ``load_options``); ``tiny`` (no shipped model) is an untrained pipeline of that config,
+    labelled as such everywhere it is shown."""
     from crcm.pipeline import Pipeline, load, shipped_models
 
-    is_folder = (Path(name_or_path) / "crcm.json").is_file()
+    folder = Path(name_or_path)
+    is_folder = (folder / "crcm.json").is_file() or (folder / "model_index.json").is_file()
     if not is_folder and name_or_path not in shipped_models() and name_or_path in UNTRAINED_CONFIGS:
         pipe = Pipeline.from_config(
             name_or_path, action_names=UNTRAINED_CONFIGS[name_or_path], name=name_or_path
         )
         return ModelEntry(name_or_path, pipe, untrained=True)
-    pipe = load(name_or_path)
+    pipe = load(name_or_path, **{k: v for k, v in load_options.items() if v is not None})
     name = Path(name_or_path).name if is_folder else name_or_path
     return ModelEntry(name or pipe.name, pipe)
 
