@@ -150,7 +150,8 @@ def write_video(
         steps / chunk: steps per chunk and frames per chunk (default: the pipeline's sampler).
         fps: frame rate of the file (default: 16 for a video VAE's output, as Wan's, else 30).
         scale: integer nearest-neighbour upscaling (default: the smallest making the shorter
-            side at least 256 pixels, so that small world-model frames stay watchable).
+            side at least 256 pixels, so that small world-model frames stay watchable; 1 for a
+            video VAE's output).
     """
     import itertools
 
@@ -192,8 +193,9 @@ def write_video(
         raise ConfigError("this model takes no actions (it is a video model): drop --actions")
 
     h, w, _ = pipeline.frame_shape
-    if scale is None:
-        scale = max(1, -(-256 // min(h, w)))
+    if scale is None:  # small world-model frames are upscaled; a VAE's video is kept as is
+        video_model = pipeline.codec.temporal_downsample > 1
+        scale = 1 if video_model else max(1, -(-256 // min(h, w)))
     if scale < 1 or max(h, w) * scale > MAX_SIDE:
         raise ConfigError(f"scale must be >= 1 and keep frames under {MAX_SIDE} px, got {scale}")
     # H.264 in yuv420p needs even sides: pad one edge row/column where needed.
