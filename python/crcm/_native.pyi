@@ -81,7 +81,15 @@ class Scheduler:
         target_fps: float | None = None,
         needs_actions: bool = False,
         admission: Literal["refuse", "queue"] = "refuse",
-    ) -> Phase: ...
+        first_chunk_frames: int | None = None,
+    ) -> Phase:
+        """Opens a stream; returns ``"idle"``, or ``"queued"`` with ``admission="queue"``.
+
+        Chunk 0 has ``first_chunk_frames`` frames (``None``: ``chunk_frames``), every later
+        chunk ``chunk_frames``: ``first_chunk_frames=1, chunk_frames=3`` generates chunks of
+        1, 3, 3, … frames starting at frames 0, 1, 4, … (the Self-Forcing release's independent
+        first frame). Pages are reserved for the larger of the two sizes.
+        """
     def fork(self, src: int, dst: int) -> None: ...
     def push_actions(self, stream_id: int, actions: list[int]) -> None:
         """Queues actions (ids >= 0) for the stream's next frames; at most ``2**24`` may wait."""

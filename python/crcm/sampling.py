@@ -8,10 +8,12 @@ the denoiser is ``x0̂ = x_s − s·v``.
 - **Euler** sampling (the teacher): ``x_{s'} = x_s + (s' − s)·v`` on the RF ODE, with
   classifier-free guidance ``v = v_uncond + w·(v_cond − v_uncond)``.
 
-A :class:`SamplerConfig` says how one stream is generated: chunk size, steps per chunk,
-times, cache-update pass or noisy context, and the sink + window of its KV cache. Presets:
-``consistency`` (the design's defaults), ``teacher`` (Euler + CFG) and ``self-forcing``
-(the public Self-Forcing release's inference, reproduced exactly).
+A :class:`SamplerConfig` says how one stream is generated: chunk size (and the first chunk's),
+steps per chunk, times (and the times the network is given, where they differ), cache-update
+pass or noisy context, and the sink + window of its KV cache. Presets (:func:`get_preset`):
+``consistency`` (the design's defaults), ``causal-rcm`` (the design's c1-1 / c3-3 students),
+``teacher`` (Euler + CFG) and ``self-forcing`` (the public Self-Forcing release's inference,
+reproduced exactly, warped or not, with or without its independent first frame).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "euler_step",
     "euler_times",
     "get_preset",
+    "self_forcing_model_times",
     "self_forcing_times",
 ]
 
@@ -89,19 +92,58 @@ def euler_times(steps: int, shift: float = DEFAULT_SHIFT) -> list[float]:
     return [_shift(1 - i / steps, shift) for i in range(steps)]
 
 
-def self_forcing_times(steps: tuple[int, ...] = (1000, 750, 500, 250)) -> list[float]:
-    """The Self-Forcing release's times: its timestep list warped through its 1000-entry table.
+# The Self-Forcing release's denoising_step_list (its configs, 4 steps).
+SELF_FORCING_STEPS = (1000, 750, 500, 250)
 
-    That release's flow-matching scheduler (shift 5, σ_min 0, one extra step) has
-    ``σ_i = shift(1 − i/1000)`` for i = 0…999; timestep ``t`` of the list maps to
-    ``σ_{1000−t}`` (and the network sees ``1000·σ``). Computed in float32 as there.
-    """
+
+def _self_forcing_table() -> torch.Tensor:
+    """σ of the release's flow-matching scheduler: shift 5, σ_min 0, one extra step,
+    ``set_timesteps(1000, training=True)``: ``σ_i = shift(1 − i/1000)``, i = 0…999, float32."""
     table = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
-    table = 5.0 * table / (1 + 4.0 * table)
-    for t in steps:
-        if not 0 < t <= 1000:
-            raise ConfigError(f"Self-Forcing timesteps are in (0, 1000], got {t}")
-    return [float(table[1000 - t]) for t in steps]
+    return 5.0 * table / (1 + 4.0 * table)
+
+
+def _release_timesteps(steps: object) -> tuple[int, ...]:
+    """A denoising_step_list: integers in (0, 1000], strictly decreasing."""
+    values = _sequence("timesteps", steps)
+    if not values:
+        raise ConfigError("timesteps must not be empty")
+    out = []
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 < t <= 1000:
+            raise ConfigError(f"Self-Forcing timesteps are integers in (0, 1000], got {t!r}")
+        out.append(int(t))
+    if any(a <= b for a, b in itertools.pairwise(out)):
+        raise ConfigError(f"timesteps must be strictly decreasing, got {out}")
+    return tuple(out)
+
+
+def self_forcing_times(
+    steps: tuple[int, ...] = SELF_FORCING_STEPS, *, warp: bool = True
+) -> list[float]:
+    """σ of each step of the Self-Forcing release's timestep list (float32 as there).
+
+    ``warp=True`` (``warp_denoising_step: true``): timestep ``t`` maps to table entry
+    ``σ_{1000−t}``, and the network sees ``1000·σ``: the σ is also the network's time.
+    ``warp=False``: the network sees ``t`` itself, but the release's x0 conversion and its
+    re-noising (``add_noise``) use σ of the table entry NEAREST to ``t``
+    (``argmin |1000·σ_i − t|``), which differs from ``t/1000`` by up to ~1.6e-3: this returns
+    that σ, and :func:`self_forcing_model_times` the network's ``t/1000``.
+    """
+    steps = _release_timesteps(steps)
+    table = _self_forcing_table()
+    if warp:
+        return [float(table[1000 - t]) for t in steps]
+    # The release's lookup, in its float32 (add_noise; its x0 conversion, in float64, picks
+    # the same entries for every integer t).
+    t = torch.tensor(steps, dtype=torch.long)
+    nearest = torch.argmin(((table * 1000).unsqueeze(0) - t.unsqueeze(1)).abs(), dim=1)
+    return [float(table[i]) for i in nearest]
+
+
+def self_forcing_model_times(steps: tuple[int, ...] = SELF_FORCING_STEPS) -> list[float]:
+    """The time the network is given at each step of an UNWARPED release list: ``t/1000``."""
+    return [t / 1000 for t in _release_timesteps(steps)]
 
 
 def consistency_step(
@@ -133,6 +175,13 @@ class SamplerConfig:
         cfg_scale: guidance weight ``w`` (Euler only; 1 disables CFG).
         sink_frames / window_frames: the KV cache keeps the first ``sink_frames`` frames and
             the ``window_frames`` most recent earlier frames (``None``: all of them).
+        first_chunk_frames: frames of chunk 0 (``None``: ``chunk_frames``). 1 with
+            ``chunk_frames=3`` generates the first latent frame alone, then 3 at a time, as the
+            Self-Forcing release's ``independent_first_frame`` (chunks 1, 3, 3, …).
+        model_times: the time value the network is given at each step, one per entry of
+            ``times`` (``None``: ``times`` themselves). ``times`` stay the σ of the update
+            rules (``x0̂ = x_s − σ·v``, the re-noising); the unwarped Self-Forcing release feeds
+            its network ``t/1000`` while its σ come from the nearest entry of its table.
     """
 
     kind: Literal["consistency", "euler"] = "consistency"
@@ -143,6 +192,8 @@ class SamplerConfig:
     cfg_scale: float = 1.0
     sink_frames: int = 0
     window_frames: int | None = None
+    first_chunk_frames: int | None = None
+    model_times: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Every field is checked for its type as well as its range (a config may come from a
@@ -177,13 +228,60 @@ class SamplerConfig:
         norm("sink_frames", _count("sink_frames", self.sink_frames, 0))
         if self.window_frames is not None:
             norm("window_frames", _count("window_frames", self.window_frames, 0))
+        if self.first_chunk_frames is not None:
+            norm("first_chunk_frames", _count("first_chunk_frames", self.first_chunk_frames, 1))
+        if self.model_times is not None:
+            model = _sequence("model_times", self.model_times)
+            model = tuple(_finite("model_times", t) for t in model)
+            if len(model) != len(times):
+                raise ConfigError(
+                    f"model_times must have one entry per time ({len(times)}), got {len(model)}"
+                )
+            if any(not 0 < x <= 1 for x in model):
+                raise ConfigError(f"model_times must be in (0, 1], got {list(model)}")
+            norm("model_times", model)
 
     def steps_of(self, chunk: int) -> int:
         return self.steps_per_chunk[min(chunk, len(self.steps_per_chunk) - 1)]
 
+    def chunk_frames_of(self, chunk: int) -> int:
+        """Frames of chunk ``chunk``: ``first_chunk_frames`` for chunk 0 when set."""
+        if chunk == 0 and self.first_chunk_frames is not None:
+            return self.first_chunk_frames
+        return self.chunk_frames
+
+    def model_time_of(self, step: int) -> float:
+        """The time the network is given at denoising step ``step`` of a chunk (``times[step]``
+        unless ``model_times`` says otherwise); a cache-update pass is given 0."""
+        if not 0 <= step < len(self.times):
+            raise IndexError(f"step {step} is outside the {len(self.times)} times")
+        return (self.times if self.model_times is None else self.model_times)[step]
+
     def with_steps(self, *steps: int) -> SamplerConfig:
         """The same sampler with another per-chunk step schedule."""
         return replace(self, steps_per_chunk=tuple(steps))
+
+
+PRESETS = ("consistency", "causal-rcm", "teacher", "self-forcing")
+
+
+def _spread(steps: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """``n`` entries of a timestep list at evenly spaced indices, the first always kept:
+    1000/750/500/250 → [1000], [1000, 500], [1000, 750, 500], all four."""
+    return tuple(steps[i * len(steps) // n] for i in range(n))
+
+
+def _preset_count(name: str, value: object, choices: range | tuple[int, ...]) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in choices:
+        shown = f"{choices[0]} to {choices[-1]}" if isinstance(choices, range) else choices
+        raise ConfigError(f"{name} must be one of {shown}, got {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np_bool)):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def get_preset(
@@ -192,10 +290,54 @@ def get_preset(
     chunk_frames: int | None = None,
     *,
     shift: float = DEFAULT_SHIFT,
+    warp: bool | None = None,
+    independent_first_frame: bool | None = None,
+    timesteps: tuple[int, ...] | None = None,
+    noisy_context: bool | None = None,
 ) -> SamplerConfig:
-    """A named sampler: ``consistency`` (1–4 steps), ``teacher`` (Euler, CFG 3, 16 steps by
-    default, on a grid warped by ``shift``: match the teacher's training ``time_shift``) or
-    ``self-forcing`` (the Self-Forcing release: c3-3, 4 steps, its warped times)."""
+    """A named sampler. The KV cache's sink + window are the :class:`SamplerConfig` fields
+    (defaults: no sink, every frame), set with :func:`dataclasses.replace`.
+
+    - ``consistency``: the design's consistency times, 1–4 steps (default 1), c1-1.
+    - ``causal-rcm``: the design's Causal-rCM students: c1-1 or c3-3 (``chunk_frames`` 1, the
+      default, or 3), 1–4 steps (default 4) at :func:`consistency_times`, a clean cache-update
+      pass after each chunk or, with ``noisy_context=True``, the K/V of the last denoising
+      step (``cache_update=False``). All four times are kept, so a per-chunk schedule such as
+      ``with_steps(4, 2)`` applies.
+    - ``teacher``: Euler with CFG 3, 16 steps by default, on a grid warped by ``shift`` (match
+      the teacher's training ``time_shift``).
+    - ``self-forcing``: the public Self-Forcing release's inference (its checkpoints):
+      ``chunk_frames`` frames per block (``num_frame_per_block``: 3, the default, or 1 for
+      frame-wise checkpoints), a clean cache-update pass after each chunk (``context_noise``
+      0), and its ``denoising_step_list``: ``timesteps`` given verbatim (e.g. the 5-step
+      ``(1000, 750, 500, 250, 125)``), or 1000/750/500/250 with ``steps`` (1–4, default 4)
+      taking entries at evenly spaced indices: [1000], [1000, 500], [1000, 750, 500], all
+      four (the first is always 1000, pure noise; the last step's x0̂ is the output, so
+      fewer steps spread over the list rather than stopping early at a high noise level).
+      ``warp`` (default True) is ``warp_denoising_step``: True gives the warped σ (the
+      network's time too); False gives the σ of the nearest table entry as ``times`` and
+      ``t/1000`` as ``model_times`` (see :func:`self_forcing_times`).
+      ``independent_first_frame=True`` generates the first latent frame alone
+      (``first_chunk_frames=1``: chunks 1, c, c, …). The release's ``sink_size`` S and
+      ``local_attn_size`` L (a cache of L frames that includes the chunk being generated)
+      correspond to ``sink_frames=S, window_frames=L − S − chunk_frames`` (``L = -1``:
+      ``window_frames=None``).
+
+    ``steps`` and ``chunk_frames`` keep their meaning for every preset (``chunk_frames``
+    replaces the preset's chunk size); the other options apply to the presets named above and
+    are refused elsewhere.
+    """
+    options = {
+        "warp": (warp, ("self-forcing",)),
+        "independent_first_frame": (independent_first_frame, ("self-forcing",)),
+        "timesteps": (timesteps, ("self-forcing",)),
+        "noisy_context": (noisy_context, ("causal-rcm",)),
+    }
+    if name not in PRESETS:
+        raise ConfigError(f"unknown sampler preset {name!r}; choose one of {', '.join(PRESETS)}")
+    for option, (value, presets) in options.items():
+        if value is not None and name not in presets:
+            raise ConfigError(f"{option} applies to the {' / '.join(presets)} preset only")
     if name == "consistency":
         n = steps or 1
         config = SamplerConfig(steps_per_chunk=(n,), times=tuple(consistency_times(max(n, 1))))
@@ -204,14 +346,39 @@ def get_preset(
         config = SamplerConfig(
             kind="euler", steps_per_chunk=(n,), times=tuple(euler_times(n, shift)), cfg_scale=3.0
         )
-    elif name == "self-forcing":
-        n = steps or 4
-        times = self_forcing_times()
-        if not 1 <= n <= len(times):
-            raise ConfigError(f"the self-forcing preset takes 1 to 4 steps, got {n}")
-        config = SamplerConfig(chunk_frames=3, steps_per_chunk=(n,), times=tuple(times))
-    else:
-        raise ConfigError(
-            f"unknown sampler preset {name!r}; choose consistency, teacher or self-forcing"
+    elif name == "causal-rcm":
+        n = _preset_count("causal-rcm steps", 4 if steps is None else steps, range(1, 5))
+        chunk = _preset_count(
+            "causal-rcm chunk_frames", 1 if chunk_frames is None else chunk_frames, (1, 3)
+        )
+        noisy = _flag("noisy_context", False if noisy_context is None else noisy_context)
+        return SamplerConfig(
+            chunk_frames=chunk,
+            steps_per_chunk=(n,),
+            times=tuple(consistency_times(4)),
+            cache_update=not noisy,
+        )
+    else:  # self-forcing
+        if timesteps is not None:
+            release = _release_timesteps(timesteps)
+            if steps is not None and steps != len(release):
+                raise ConfigError(
+                    f"steps={steps} disagrees with the {len(release)} timesteps given"
+                )
+        else:
+            n = _preset_count("self-forcing steps", 4 if steps is None else steps, range(1, 5))
+            release = _spread(SELF_FORCING_STEPS, n)
+        warped = _flag("warp", True if warp is None else warp)
+        first = _flag(
+            "independent_first_frame",
+            False if independent_first_frame is None else independent_first_frame,
+        )
+        return SamplerConfig(
+            chunk_frames=3 if chunk_frames is None else chunk_frames,
+            first_chunk_frames=1 if first else None,
+            steps_per_chunk=(len(release),),
+            times=tuple(self_forcing_times(release, warp=warped)),
+            model_times=None if warped else tuple(self_forcing_model_times(release)),
+            cache_update=True,
         )
     return config if chunk_frames is None else replace(config, chunk_frames=chunk_frames)

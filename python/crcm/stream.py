@@ -211,7 +211,11 @@ def write_video(
     if schedule and cond is not None:
         raise ConfigError("give prompts or a cond, not both")
 
-    context = sampler.sink_frames + sampler.window_frames + sampler.chunk_frames
+    context = (
+        sampler.sink_frames
+        + sampler.window_frames
+        + max(sampler.chunk_frames_of(0), sampler.chunk_frames)
+    )
     guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
     runtime = Runtime(pipeline, max_streams=1, context_frames=context, cfg=guided)
     # Where each later prompt takes over: the model frame that decodes to its first frame.

@@ -138,6 +138,11 @@ class Executor:
         states = [self.streams[int(sid)] for sid in plan.stream_ids[items]]
         kinds = plan.kind[items]
         s_item = np.where(kinds == CACHE_UPDATE, 0.0, plan.s[items]).astype(np.float32)
+        # The time the network is given: the sampler's model time where it has its own (the
+        # release's unwarped steps), else the update rule's s.
+        for j, st in enumerate(states):
+            if kinds[j] == DENOISE and st.sampler.model_times is not None:
+                s_item[j] = st.sampler.model_time_of(int(plan.step[items[j]]))
 
         x_rows = []
         for j, st in enumerate(states):

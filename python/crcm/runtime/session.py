@@ -254,7 +254,7 @@ class Runtime:
             s = pipeline.sampler
             if s.window_frames is None:
                 raise ConfigError("the default sampler has no window; pass context_frames")
-            context_frames = s.sink_frames + s.window_frames + s.chunk_frames
+            context_frames = s.sink_frames + s.window_frames + _largest_chunk(s)
         num_pages = max_streams * context_frames  # one page per frame (padded to the tile)
         if num_pages > MAX_PAGES:
             raise ConfigError(
@@ -351,7 +351,7 @@ class Runtime:
         needs_actions = bool(model.cfg.num_actions) if actions is None else bool(actions)
         if needs_actions and not model.cfg.num_actions:
             raise ConfigError("this model takes no actions (open it with actions=None or False)")
-        if model.cfg.prev_frames and sampler.chunk_frames != 1:
+        if model.cfg.prev_frames and _largest_chunk(sampler) != 1:
             raise ConfigError(
                 "this model conditions on its previous frames and streams one frame per chunk; "
                 f"got chunk_frames={sampler.chunk_frames}"
@@ -419,6 +419,7 @@ class Runtime:
             self.scheduler.open(
                 sid,
                 chunk_frames=sampler.chunk_frames,
+                first_chunk_frames=sampler.first_chunk_frames,
                 steps_per_chunk=list(sampler.steps_per_chunk),
                 times=list(sampler.times),
                 cache_update=sampler.cache_update,
@@ -489,10 +490,16 @@ class Runtime:
                 else f"context has {K} frames: it must be a positive multiple of "
                 f"{codec.temporal_downsample}"
             )
-        if model_frames % sampler.chunk_frames:
+        first = sampler.chunk_frames_of(0)
+        if model_frames < first or (model_frames - first) % sampler.chunk_frames:
+            chunks = (
+                f"{first} + a multiple of {sampler.chunk_frames}"
+                if first != sampler.chunk_frames
+                else f"a positive multiple of {first}"
+            )
             raise ConfigError(
-                f"context has {K} frames ({model_frames} model frames): that must be a "
-                f"positive multiple of the chunk size {sampler.chunk_frames}"
+                f"context has {K} frames ({model_frames} model frames): whole chunks are "
+                f"{chunks} model frames"
             )
         ids: list[int] = []
         if actions is not None and (
@@ -574,7 +581,7 @@ class Runtime:
 
     def _chunk_display_frames(self, sampler: SamplerConfig) -> int:
         """The most display frames one chunk of ``sampler`` can emit."""
-        return sampler.chunk_frames * self.pipeline.codec.temporal_downsample
+        return _largest_chunk(sampler) * self.pipeline.codec.temporal_downsample
 
     def _encode_prompt(self, prompt: object) -> torch.Tensor:
         encoder = self.pipeline.text_encoder
@@ -828,6 +835,10 @@ def generate(
         if needs_actions:
             session.push_actions(list(actions)[:num_frames])
         yield from itertools.islice(session.frames(), num_frames)
+
+
+def _largest_chunk(sampler: SamplerConfig) -> int:
+    return max(sampler.chunk_frames_of(0), sampler.chunk_frames)
 
 
 def _param_device(model: torch.nn.Module) -> torch.device:

@@ -62,11 +62,13 @@ fn pool(c: &mut Criterion) {
 }
 
 fn stream_config(i: u64) -> StreamConfig {
-    // Half interactive (1-step, c1, actions, 30 fps), half offline (4-then-2 steps, c3, a
-    // cache-update pass, best effort): both kinds share every plan.
+    // Half interactive (1-step, c1, actions, 30 fps), half offline (4-then-2 steps, c3 after
+    // an independent first frame as the Self-Forcing release runs, a cache-update pass, best
+    // effort): both kinds share every plan.
     let interactive = i % 2 == 0;
     StreamConfig {
         chunk_frames: if interactive { 1 } else { 3 },
+        first_chunk_frames: 1,
         steps_per_chunk: if interactive { vec![1] } else { vec![4, 2] },
         times: vec![1.0, 0.75, 0.5, 0.25],
         cache_update: !interactive,

@@ -1,6 +1,7 @@
 //! The streaming scheduler: one state machine per stream, batched plans per tick (design §3).
 //!
-//! A stream generates its video chunk by chunk. For each chunk it
+//! A stream generates its video chunk by chunk (`chunk_frames` frames each; chunk 0 may have
+//! its own size, `first_chunk_frames`, e.g. one independent first frame). For each chunk it
 //! 1. waits until it may start (its actions have arrived, its frame budget is not spent) and
 //!    takes pages for the chunk's frames from the [`PagePool`];
 //! 2. runs the chunk's denoising steps, one plan item per step (`Denoise`), the last of which
@@ -53,6 +54,10 @@ pub enum Admission {
 pub struct StreamConfig {
     /// Frames per chunk (1 for c1-1, 3 for c3-3).
     pub chunk_frames: u32,
+    /// Frames of chunk 0; the same as `chunk_frames` for uniform chunks. 1 with
+    /// `chunk_frames = 3` is the Self-Forcing release's independent first frame: chunks of
+    /// 1, 3, 3, … frames.
+    pub first_chunk_frames: u32,
     /// Denoising steps of chunk 0, 1, …; the last entry repeats (e.g. `[4, 2]` = 4 then 2s).
     pub steps_per_chunk: Vec<u32>,
     /// Strictly decreasing RF times in (0, 1]; a chunk of n steps uses the first n.
@@ -63,7 +68,7 @@ pub struct StreamConfig {
     pub retention: Retention,
     /// Stop after this many frames (`None`: until closed). Needed when the window is unbounded.
     pub max_frames: Option<u64>,
-    /// Interactive pacing: a chunk is due `chunk_frames / fps` seconds after it became ready.
+    /// Interactive pacing: a chunk is due `frames / fps` seconds after it became ready.
     /// `None`: best effort, after every stream that has a deadline.
     pub target_fps: Option<f64>,
     /// A chunk starts only when an action for each of its frames has been pushed.
@@ -78,17 +83,62 @@ impl StreamConfig {
         self.steps_per_chunk[i]
     }
 
+    /// Frames of chunk `chunk`.
+    pub fn frames_of(&self, chunk: u64) -> u32 {
+        if chunk == 0 {
+            self.first_chunk_frames
+        } else {
+            self.chunk_frames
+        }
+    }
+
+    /// Index of the first frame of chunk `chunk`: the frames of every chunk before it.
+    pub fn frame_start_of(&self, chunk: u64) -> u64 {
+        match chunk {
+            0 => 0,
+            // Saturating: only an absurd chunk count could overflow, and a frame index that
+            // sticks at u64::MAX still compares as "past max_frames".
+            k => (k - 1)
+                .saturating_mul(u64::from(self.chunk_frames))
+                .saturating_add(u64::from(self.first_chunk_frames)),
+        }
+    }
+
+    /// The larger of the two chunk sizes: what a chunk in progress can hold at most.
+    fn largest_chunk(&self) -> u32 {
+        self.first_chunk_frames.max(self.chunk_frames)
+    }
+
+    /// Frames generated in all when the stream stops at `max_frames`: whole chunks, so the
+    /// first chunk boundary at or past `max_frames`.
+    fn frames_until(&self, max_frames: u64) -> u64 {
+        let first = u64::from(self.first_chunk_frames);
+        if max_frames <= first {
+            return first;
+        }
+        let chunk = u64::from(self.chunk_frames);
+        (max_frames - first).div_ceil(chunk).saturating_mul(chunk).saturating_add(first)
+    }
+
     fn validate(&self, sched: &SchedulerConfig) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         if self.chunk_frames == 0 {
             return bad("chunk_frames must be positive".into());
         }
-        let tokens = u64::from(self.chunk_frames) * u64::from(sched.pool.tokens_per_frame);
-        if tokens > u64::from(sched.max_batch_tokens) {
-            return bad(format!(
-                "a chunk of {} frames has {tokens} tokens, over max_batch_tokens {}",
-                self.chunk_frames, sched.max_batch_tokens
-            ));
+        if self.first_chunk_frames == 0 {
+            return bad("first_chunk_frames must be positive".into());
+        }
+        for (name, frames) in
+            [("chunk_frames", self.chunk_frames), ("first_chunk_frames", self.first_chunk_frames)]
+        {
+            let tokens = u64::from(frames) * u64::from(sched.pool.tokens_per_frame);
+            if tokens > u64::from(sched.max_batch_tokens) {
+                return bad(format!(
+                    "a chunk of {frames} frames ({name}) has {tokens} tokens, over \
+                     max_batch_tokens {}",
+                    sched.max_batch_tokens
+                ));
+            }
         }
         if self.steps_per_chunk.is_empty() || self.steps_per_chunk.contains(&0) {
             return bad(format!(
@@ -124,14 +174,13 @@ impl StreamConfig {
         Ok(())
     }
 
-    /// Pages this stream can hold at its peak: what admission reserves.
+    /// Pages this stream can hold at its peak: what admission reserves. The window's peak
+    /// holds the larger chunk size in progress (the first chunk may be the larger one).
     fn reservation(&self, pool: &PagePool) -> Result<u32> {
-        let by_window = pool.peak_pages(self.retention, self.chunk_frames);
+        let by_window = pool.peak_pages(self.retention, self.largest_chunk());
         let by_length = self.max_frames.map(|n| {
             // Saturating: an absurd max_frames must be refused below, not wrap to 0 pages.
-            let chunk = u64::from(self.chunk_frames);
-            let frames = n.div_ceil(chunk).saturating_mul(chunk);
-            frames.saturating_mul(u64::from(pool.config().pages_per_frame()))
+            self.frames_until(n).saturating_mul(u64::from(pool.config().pages_per_frame()))
         });
         let pages = match (by_window, by_length) {
             (Some(w), Some(l)) => u64::from(w).min(l),
@@ -196,25 +245,32 @@ struct Stream {
     chunk_actions: Vec<i64>,
     ready_since: Option<f64>,
     frames_emitted: u64,
+    /// Chunks whose frames were emitted (what the mean latency divides by).
+    chunks_emitted: u64,
     latency_sum: f64,
     last_latency: Option<f64>,
 }
 
 impl Stream {
     fn frame_start(&self) -> u64 {
-        self.chunk * u64::from(self.config.chunk_frames)
+        self.config.frame_start_of(self.chunk)
+    }
+
+    /// Frames of the current (or next) chunk.
+    fn chunk_frames(&self) -> u32 {
+        self.config.frames_of(self.chunk)
     }
 
     fn deadline(&self) -> f64 {
         match (self.config.target_fps, self.ready_since) {
-            (Some(fps), Some(t)) => t + f64::from(self.config.chunk_frames) / fps,
+            (Some(fps), Some(t)) => t + f64::from(self.chunk_frames()) / fps,
             _ => f64::INFINITY,
         }
     }
 
     /// Whether an idle stream can start its next chunk.
     fn can_start_chunk(&self) -> bool {
-        let frames = u64::from(self.config.chunk_frames);
+        let frames = u64::from(self.chunk_frames());
         let within_budget = self.config.max_frames.is_none_or(|max| self.frame_start() < max);
         let has_actions = !self.config.needs_actions || self.actions.len() as u64 >= frames;
         within_budget && has_actions && !self.paused
@@ -420,6 +476,7 @@ impl Scheduler {
                 chunk_actions: Vec::new(),
                 ready_since: None,
                 frames_emitted: 0,
+                chunks_emitted: 0,
                 latency_sum: 0.0,
                 last_latency: None,
             },
@@ -444,7 +501,8 @@ impl Scheduler {
         self.insert_stream(dst, config, Phase::Idle, chunk);
         let child = self.streams.get_mut(&dst).expect("just inserted");
         child.actions = actions;
-        child.frames_emitted = chunk * u64::from(child.config.chunk_frames);
+        child.frames_emitted = child.config.frame_start_of(chunk);
+        child.chunks_emitted = chunk;
         // The child inherits the parent's chunks, so also their latencies: the mean divides by
         // all chunks emitted.
         child.latency_sum = latency_sum;
@@ -547,7 +605,7 @@ impl Scheduler {
             if plan.len() as u32 >= self.config.max_batch_items {
                 break;
             }
-            let frames = self.streams[&id].config.chunk_frames;
+            let frames = self.streams[&id].chunk_frames();
             let item_tokens = frames * tokens_per_frame;
             if tokens + item_tokens > self.config.max_batch_tokens {
                 continue; // a smaller chunk of a later stream may still fit
@@ -574,8 +632,9 @@ impl Scheduler {
         if stream.phase != Phase::Idle {
             return Ok(());
         }
-        self.pool.allocate_frames(id, stream.config.chunk_frames)?;
-        let n = stream.config.chunk_frames as usize;
+        let frames = stream.chunk_frames();
+        self.pool.allocate_frames(id, frames)?;
+        let n = frames as usize;
         stream.chunk_actions = if stream.config.needs_actions {
             stream.actions.drain(..n).collect()
         } else {
@@ -608,8 +667,8 @@ impl Scheduler {
         plan.s_next.push(t_next);
         plan.emits_frames.push(emits);
         plan.frame_start.push(s.frame_start() as i64);
-        plan.num_frames.push(s.config.chunk_frames);
-        let q_end = plan.num_tokens() + s.config.chunk_frames * pool_cfg.tokens_per_frame;
+        plan.num_frames.push(s.chunk_frames());
+        let q_end = plan.num_tokens() + s.chunk_frames() * pool_cfg.tokens_per_frame;
         plan.q_cu_seqlens.push(q_end as i32);
 
         let resident = self.pool.resident(id).expect("admitted");
@@ -664,7 +723,8 @@ impl Scheduler {
                     false
                 }
                 Phase::Denoise { .. } => {
-                    stream.frames_emitted += u64::from(stream.config.chunk_frames);
+                    stream.frames_emitted += u64::from(stream.chunk_frames());
+                    stream.chunks_emitted += 1;
                     let latency = now - stream.ready_since.unwrap_or(now);
                     stream.latency_sum += latency;
                     stream.last_latency = Some(latency);
@@ -729,7 +789,6 @@ impl Scheduler {
 
     pub fn stream_stats(&self, id: StreamId) -> Result<StreamStats> {
         let s = self.live(id)?;
-        let chunks_emitted = s.frames_emitted / u64::from(s.config.chunk_frames);
         Ok(StreamStats {
             phase: s.phase,
             chunk: s.chunk,
@@ -738,7 +797,7 @@ impl Scheduler {
             in_flight: s.in_flight.is_some(),
             last_latency_s: s.last_latency,
             mean_latency_s: (s.last_latency.is_some())
-                .then(|| s.latency_sum / chunks_emitted.max(1) as f64),
+                .then(|| s.latency_sum / s.chunks_emitted.max(1) as f64),
         })
     }
 
@@ -776,9 +835,24 @@ impl Scheduler {
             }
             let pending = self.pool.pending(id).map_err(|e| e.to_string())?.len() as u32;
             let mid_chunk = matches!(s.phase, Phase::Denoise { .. } | Phase::CacheUpdate);
-            let expected = if mid_chunk { s.config.chunk_frames } else { 0 };
+            let expected = if mid_chunk { s.chunk_frames() } else { 0 };
             if pending != expected {
                 return Err(format!("stream {id} ({}) has {pending} pending frames", s.phase));
+            }
+            // Frame indices follow the chunk sizes: the pool's next frame is the end of the
+            // chunk in progress (or the start of the next one).
+            let next_frame = self.pool.stream_stats(id).map_err(|e| e.to_string())?.next_frame;
+            if next_frame != s.frame_start() + u64::from(expected) {
+                return Err(format!(
+                    "stream {id} ({}) of chunk {} is at frame {next_frame}",
+                    s.phase, s.chunk
+                ));
+            }
+            if s.frames_emitted != s.config.frame_start_of(s.chunks_emitted) {
+                return Err(format!(
+                    "stream {id} emitted {} frames in {} chunks",
+                    s.frames_emitted, s.chunks_emitted
+                ));
             }
             if let Some(p) = s.in_flight {
                 if !self.in_flight.get(&p).is_some_and(|ids| ids.contains(&id)) {

@@ -13,6 +13,7 @@ fn scheduler() -> Scheduler {
 fn stream() -> StreamConfig {
     StreamConfig {
         chunk_frames: 1,
+        first_chunk_frames: 1,
         steps_per_chunk: vec![1],
         times: vec![1.0],
         cache_update: true,

@@ -94,13 +94,29 @@ struct MStream {
     chunk_actions: Vec<i64>,
     ready_since: Option<f64>,
     frames_emitted: u64,
+    chunks_emitted: u64,
     latency_sum: f64,
     last_latency: Option<f64>,
 }
 
+/// Frames of chunk `k`: the first chunk has its own size.
+fn frames_of(c: &StreamConfig, k: u64) -> u64 {
+    u64::from(if k == 0 { c.first_chunk_frames } else { c.chunk_frames })
+}
+
+/// First frame of chunk `k`: the frames of all chunks before it, added up.
+fn start_of(c: &StreamConfig, k: u64) -> u64 {
+    (0..k).map(|j| frames_of(c, j)).sum()
+}
+
 impl MStream {
+    /// Frames of the current chunk.
     fn cf(&self) -> u64 {
-        u64::from(self.config.chunk_frames)
+        frames_of(&self.config, self.chunk)
+    }
+
+    fn start(&self) -> u64 {
+        start_of(&self.config, self.chunk)
     }
 
     fn steps(&self) -> u32 {
@@ -118,7 +134,7 @@ impl MStream {
     fn ready(&self) -> bool {
         match self.phase {
             Phase::Idle => {
-                let budget = self.config.max_frames.is_none_or(|m| self.chunk * self.cf() < m);
+                let budget = self.config.max_frames.is_none_or(|m| self.start() < m);
                 let actions = !self.config.needs_actions || self.actions.len() as u64 >= self.cf();
                 budget && actions && !self.paused
             }
@@ -150,8 +166,8 @@ impl MStream {
             s_next,
             emits,
             writes,
-            frame_start: self.chunk * self.cf(),
-            num_frames: self.config.chunk_frames,
+            frame_start: self.start(),
+            num_frames: self.cf() as u32,
             actions: self.chunk_actions.clone(),
         }
     }
@@ -161,7 +177,9 @@ impl MStream {
 fn valid(c: &StreamConfig, sched: &SchedulerConfig) -> bool {
     let max_steps = c.steps_per_chunk.iter().copied().max().unwrap_or(0) as usize;
     c.chunk_frames > 0
+        && c.first_chunk_frames > 0
         && c.chunk_frames * sched.pool.tokens_per_frame <= sched.max_batch_tokens
+        && c.first_chunk_frames * sched.pool.tokens_per_frame <= sched.max_batch_tokens
         && !c.steps_per_chunk.is_empty()
         && !c.steps_per_chunk.contains(&0)
         && c.times.len() >= max_steps
@@ -172,13 +190,19 @@ fn valid(c: &StreamConfig, sched: &SchedulerConfig) -> bool {
         && (c.retention.window_frames.is_some() || c.max_frames.is_some())
 }
 
-/// Admission reserves the peak: sinks + window + one chunk, or every frame the stream will ever
-/// generate (whole chunks) when that is less.
+/// Admission reserves the peak: sinks + window + the larger chunk, or every frame the stream
+/// will ever generate (whole chunks, the first one of its own size) when that is less.
 fn reservation(c: &StreamConfig, ppf: u32) -> u32 {
     let r = c.retention;
-    let chunk = u64::from(c.chunk_frames);
-    let by_window = r.window_frames.map(|w| u64::from(r.sink_frames + w) + chunk);
-    let by_length = c.max_frames.map(|m| m.div_ceil(chunk) * chunk);
+    let largest = u64::from(c.chunk_frames.max(c.first_chunk_frames));
+    let by_window = r.window_frames.map(|w| u64::from(r.sink_frames + w) + largest);
+    let by_length = c.max_frames.map(|m| {
+        let mut k = 0;
+        while start_of(c, k) < m {
+            k += 1;
+        }
+        start_of(c, k)
+    });
     let frames = by_window.into_iter().chain(by_length).min().unwrap();
     u32::try_from(frames * u64::from(ppf)).unwrap() // generated sizes are small
 }
@@ -247,6 +271,7 @@ impl Model {
             chunk_actions: vec![],
             ready_since: None,
             frames_emitted: 0,
+            chunks_emitted: 0,
             latency_sum: 0.0,
             last_latency: None,
         };
@@ -374,7 +399,8 @@ impl Model {
                 self.insert(*dst, parent.config.clone(), Phase::Idle, parent.chunk);
                 let child = self.streams.get_mut(dst).unwrap();
                 // The child's history is the parent's: frames and latency so far.
-                child.frames_emitted = parent.chunk * parent.cf();
+                child.frames_emitted = parent.start();
+                child.chunks_emitted = parent.chunk;
                 child.actions = parent.actions;
                 child.latency_sum = parent.latency_sum;
                 child.last_latency = parent.last_latency;
@@ -405,7 +431,7 @@ impl Model {
                 break;
             }
             let s = self.streams.get_mut(&id).unwrap();
-            let t = s.config.chunk_frames * tpf;
+            let t = s.cf() as u32 * tpf;
             if tokens + t > self.config.max_batch_tokens {
                 continue; // a smaller chunk further down may still fit
             }
@@ -449,6 +475,7 @@ impl Model {
             }
             Phase::Denoise { .. } => {
                 s.frames_emitted += s.cf();
+                s.chunks_emitted += 1;
                 let latency = now - s.ready_since.unwrap_or(now);
                 s.latency_sum += latency;
                 s.last_latency = Some(latency);
@@ -462,7 +489,7 @@ impl Model {
             s.chunk += 1;
             s.ready_since = None;
             s.chunk_actions.clear();
-            let done = s.config.max_frames.is_some_and(|m| s.chunk * s.cf() >= m);
+            let done = s.config.max_frames.is_some_and(|m| s.start() >= m);
             s.phase = if done { Phase::Finished } else { Phase::Idle };
         }
     }
@@ -500,8 +527,10 @@ fn sched_config() -> impl Strategy<Value = SchedulerConfig> {
     )
 }
 
-/// Valid configs: c1 and c3 chunks, [4,2] / [1] / … schedules, cache update or noisy context,
-/// sinks and windows, a frame budget, actions, pacing, either admission policy.
+/// Valid configs: c1 and c3 chunks, half of them after a first chunk of its own size (1..3
+/// frames: smaller, as the Self-Forcing release's independent first frame, or larger), [4,2] /
+/// [1] / … schedules, cache update or noisy context, sinks and windows, a frame budget,
+/// actions, pacing, either admission policy.
 fn stream_config() -> impl Strategy<Value = StreamConfig> {
     let steps = prop::sample::select(vec![vec![1u32], vec![4, 2], vec![2], vec![3, 1], vec![1, 4]]);
     let window = prop::option::weighted(0.85, 0u32..5);
@@ -509,7 +538,8 @@ fn stream_config() -> impl Strategy<Value = StreamConfig> {
         .prop_map(|(sink_frames, window_frames)| Retention { sink_frames, window_frames });
     let fps = prop::option::of(prop::sample::select(vec![10.0f64, 30.0]));
     let admission = prop::sample::select(vec![Admission::Refuse, Admission::Queue]);
-    let chunk = prop::sample::select(vec![1u32, 3]);
+    let chunk = (prop::sample::select(vec![1u32, 3]), prop::option::of(1u32..4))
+        .prop_map(|(chunk, first)| (chunk, first.unwrap_or(chunk)));
     (
         chunk,
         steps,
@@ -522,7 +552,7 @@ fn stream_config() -> impl Strategy<Value = StreamConfig> {
     )
         .prop_map(
             |(
-                chunk_frames,
+                (chunk_frames, first_chunk_frames),
                 steps_per_chunk,
                 cache_update,
                 retention,
@@ -537,6 +567,7 @@ fn stream_config() -> impl Strategy<Value = StreamConfig> {
                 };
                 StreamConfig {
                     chunk_frames,
+                    first_chunk_frames,
                     steps_per_chunk,
                     times: TIMES.to_vec(),
                     cache_update,
@@ -552,9 +583,10 @@ fn stream_config() -> impl Strategy<Value = StreamConfig> {
 
 /// A valid config broken in one way that `open` must refuse.
 fn broken_config() -> impl Strategy<Value = StreamConfig> {
-    (stream_config(), 0u8..10).prop_map(|(mut c, how)| {
+    (stream_config(), 0u8..11).prop_map(|(mut c, how)| {
         match how {
             0 => c.chunk_frames = 0,
+            10 => c.first_chunk_frames = 0,
             1 => c.steps_per_chunk = vec![],
             2 => c.steps_per_chunk = vec![2, 0],
             3 => c.times = vec![], // fewer times than steps
@@ -850,7 +882,7 @@ impl StateMachineTest for SchedTest {
                 assert_eq!(st.pending_actions, m.actions.len() as u64);
                 assert_eq!(st.in_flight, m.in_flight.is_some());
                 assert_eq!(st.last_latency_s, m.last_latency, "latency of stream {id}");
-                let chunks = (m.frames_emitted / m.cf()).max(1) as f64;
+                let chunks = m.chunks_emitted.max(1) as f64;
                 let mean = m.last_latency.map(|_| m.latency_sum / chunks);
                 assert_eq!(st.mean_latency_s, mean, "mean latency of stream {id}");
             }
@@ -860,7 +892,7 @@ impl StateMachineTest for SchedTest {
             if m.phase == Phase::Queued {
                 continue;
             }
-            let committed = m.chunk * m.cf();
+            let committed = m.start();
             let resident: Vec<u64> = pool.resident(id).unwrap().map(|f| f.frame).collect();
             assert_eq!(resident, expected_resident(m.config.retention, committed), "stream {id}");
             let mid_chunk = matches!(m.phase, Phase::Denoise { .. } | Phase::CacheUpdate);
@@ -932,6 +964,7 @@ fn token_budget_fits_int32_offsets() {
         };
         let stream = StreamConfig {
             chunk_frames: 1,
+            first_chunk_frames: 1,
             steps_per_chunk: vec![1],
             times: vec![1.0],
             cache_update: false,

@@ -220,6 +220,7 @@ mod args {
         dst: u64 = u64("dst");
         plan_id: u64 = u64("plan_id");
         chunk_frames: u32 = u32("chunk_frames");
+        first_chunk_frames: Option<u32> = opt_u32("first_chunk_frames");
         sink_frames: u32 = u32("sink_frames");
         window_frames: Option<u32> = opt_u32("window_frames");
         max_frames: Option<u64> = opt_u64("max_frames");
@@ -379,9 +380,10 @@ impl Scheduler {
     }
 
     /// Opens a stream and returns its phase ("idle", or "queued" with admission="queue").
+    /// `first_chunk_frames`: frames of chunk 0 (None: `chunk_frames`, uniform chunks).
     #[pyo3(signature = (stream_id, *, chunk_frames, steps_per_chunk, times, cache_update=true,
         sink_frames=0, window_frames=None, max_frames=None, target_fps=None,
-        needs_actions=false, admission="refuse"))]
+        needs_actions=false, admission="refuse", first_chunk_frames=None))]
     #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
@@ -397,6 +399,7 @@ impl Scheduler {
         #[pyo3(from_py_with = args::target_fps)] target_fps: Option<f64>,
         needs_actions: bool,
         admission: &str,
+        #[pyo3(from_py_with = args::first_chunk_frames)] first_chunk_frames: Option<u32>,
     ) -> PyResult<&'static str> {
         let admission = match admission {
             "refuse" => rt::Admission::Refuse,
@@ -410,6 +413,7 @@ impl Scheduler {
         };
         let config = rt::StreamConfig {
             chunk_frames,
+            first_chunk_frames: first_chunk_frames.unwrap_or(chunk_frames),
             steps_per_chunk,
             times,
             cache_update,

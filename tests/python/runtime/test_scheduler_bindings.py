@@ -7,7 +7,9 @@ must do (rust/crcm-core/src/scheduler.rs and pages.rs module docs, design §3). 
 predicts every outcome exactly: the error class of each refused call, which streams a tick
 plans and in which order, every per-item value of the plan, the stream phases, and the pages
 in use. Pages are modelled at frame granularity: each allocated frame gets a unique key, a
-fork copies keys, so ``pages_used = pages_per_frame × distinct keys held``.
+fork copies keys, so ``pages_used = pages_per_frame × distinct keys held``. Streams may have a
+first chunk of its own size (``first_chunk_frames``, e.g. 1 then 3s); worked examples of that
+follow the state machine.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class StreamOpts:
     target_fps: float | None
     needs_actions: bool
     admission: str
+    first_chunk_frames: int | None = None
 
     def kwargs(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -62,10 +65,20 @@ class StreamOpts:
     def steps_of(self, chunk: int) -> int:
         return self.steps_per_chunk[min(chunk, len(self.steps_per_chunk) - 1)]
 
+    def frames_of(self, chunk: int) -> int:
+        """Frames of chunk ``chunk``: the first one has its own size when given."""
+        if chunk == 0 and self.first_chunk_frames is not None:
+            return self.first_chunk_frames
+        return self.chunk_frames
+
+    def start_of(self, chunk: int) -> int:
+        return sum(self.frames_of(k) for k in range(chunk))
+
 
 # One way each to break a valid config (ConfigError), applied to one config in five.
 BREAKS = {
     "chunk_frames": 0,
+    "first_chunk_frames": 0,
     "steps_per_chunk": [],
     "times": [0.5, 0.5],
     "target_fps": -1.0,
@@ -90,6 +103,7 @@ def stream_opts(draw: st.DrawFn) -> StreamOpts:
         target_fps=draw(st.sampled_from([None, 10.0, 30.0])),
         needs_actions=draw(st.booleans()),
         admission=draw(st.sampled_from(["refuse", "queue"])),
+        first_chunk_frames=draw(st.sampled_from([None, None, 1, 2, 3])),
     )
     if opts.window_frames is None and opts.max_frames is None:
         opts.max_frames = 4
@@ -105,7 +119,9 @@ def config_problem(o: StreamOpts, tokens_per_frame: int, max_batch_tokens: int) 
     """Whether ``StreamConfig::validate`` must refuse this config (ConfigError)."""
     if o.admission not in ("refuse", "queue") or o.chunk_frames == 0:
         return True
-    if o.chunk_frames * tokens_per_frame > max_batch_tokens:
+    if o.first_chunk_frames == 0:
+        return True
+    if max(o.chunk_frames, o.first_chunk_frames or 0) * tokens_per_frame > max_batch_tokens:
         return True
     if not o.steps_per_chunk or 0 in o.steps_per_chunk:
         return True
@@ -137,6 +153,7 @@ class ModelStream:
     chunk_actions: list[int] = field(default_factory=list)
     ready_since: float | None = None
     frames_emitted: int = 0
+    chunks_emitted: int = 0
     last_latency: float | None = None
     latency_sum: float = 0.0
     # Pages, at frame granularity: (frame index, key) pairs; keys are shared after a fork.
@@ -146,17 +163,22 @@ class ModelStream:
 
     @property
     def frame_start(self) -> int:
-        return self.chunk * self.opts.chunk_frames
+        return self.opts.start_of(self.chunk)
+
+    @property
+    def frames(self) -> int:
+        """Frames of the current (or next) chunk."""
+        return self.opts.frames_of(self.chunk)
 
     def can_start_chunk(self) -> bool:
-        n = self.opts.chunk_frames
+        n = self.frames
         within = self.opts.max_frames is None or self.frame_start < self.opts.max_frames
         return within and (not self.opts.needs_actions or len(self.actions) >= n)
 
     def deadline(self) -> float:
         if self.opts.target_fps is None or self.ready_since is None:
             return math.inf
-        return self.ready_since + self.opts.chunk_frames / self.opts.target_fps
+        return self.ready_since + self.frames / self.opts.target_fps
 
     def commit(self) -> None:
         """Pending frames become resident; the oldest non-sink frames beyond the window go."""
@@ -213,16 +235,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         return s if s is not None and not s.closing else None
 
     def reservation(self, o: StreamOpts) -> int:
+        """Sinks + window + the larger chunk, or every frame up to the first chunk boundary at
+        or past max_frames, whichever is less."""
+        largest = max(o.chunk_frames, o.frames_of(0))
         by_window = (
             None
             if o.window_frames is None
-            else (o.sink_frames + o.window_frames + o.chunk_frames) * self.ppf
+            else (o.sink_frames + o.window_frames + largest) * self.ppf
         )
-        by_length = (
-            None
-            if o.max_frames is None
-            else -(-o.max_frames // o.chunk_frames) * o.chunk_frames * self.ppf
-        )
+        by_length = None
+        if o.max_frames is not None:
+            chunks = next(k for k in itertools.count() if o.start_of(k) >= o.max_frames)
+            by_length = o.start_of(chunks) * self.ppf
         return min(x for x in (by_window, by_length) if x is not None)
 
     def release(self, sid: int) -> None:
@@ -319,7 +343,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _, _, sid in ready:
             if len(planned) >= self.max_items:
                 break
-            item_tokens = self.streams[sid].opts.chunk_frames * self.tpf
+            item_tokens = self.streams[sid].frames * self.tpf
             if tokens + item_tokens > self.max_tokens:
                 continue  # a smaller chunk of a later stream may still fit
             tokens += item_tokens
@@ -341,10 +365,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             s = self.streams[sid]
             if s.phase == "idle":  # the chunk starts: pages and actions are taken now
                 s.phase, s.step = "denoise", 0
-                for _ in range(s.opts.chunk_frames):
+                for _ in range(s.frames):
                     s.pending.append((s.next_frame, next(self.keys)))
                     s.next_frame += 1
-                n = s.opts.chunk_frames
+                n = s.frames
                 if s.opts.needs_actions:
                     s.chunk_actions = [s.actions.popleft() for _ in range(n)]
                 else:
@@ -356,7 +380,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_item(self, plan, i: int, s: ModelStream, table) -> None:
         """Every array of item ``i`` against the model and the stream's page table."""
         n_steps = s.opts.steps_of(s.chunk)
-        cf = s.opts.chunk_frames
+        cf = s.frames
         assert plan.chunk_index[i] == s.chunk and plan.num_steps[i] == n_steps
         assert plan.frame_start[i] == s.frame_start and plan.num_frames[i] == cf
         assert plan.q_cu_seqlens[i + 1] - plan.q_cu_seqlens[i] == cf * self.tpf
@@ -420,7 +444,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             if s.phase == "denoise" and s.step + 1 < n_steps:
                 s.step += 1
             elif s.phase == "denoise":
-                s.frames_emitted += s.opts.chunk_frames
+                s.frames_emitted += s.frames
+                s.chunks_emitted += 1
                 s.last_latency = self.now - s.ready_since
                 s.latency_sum += s.last_latency
                 if s.opts.cache_update:
@@ -494,6 +519,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             chunk=p.chunk,
             actions=deque(p.actions),
             frames_emitted=p.frame_start,
+            chunks_emitted=p.chunk,
             last_latency=p.last_latency,  # a fork inherits the parent's chunks and latencies
             latency_sum=p.latency_sum,
             resident=list(p.resident),
@@ -532,8 +558,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert st_["in_flight"] == (s.in_flight is not None)
             assert st_["last_latency_s"] == s.last_latency
             if s.last_latency is not None:
-                chunks = s.frames_emitted // s.opts.chunk_frames
-                assert st_["mean_latency_s"] == s.latency_sum / chunks
+                assert st_["mean_latency_s"] == s.latency_sum / s.chunks_emitted
             if s.phase != "queued":
                 assert st_["pages_reserved"] == s.reserved
                 assert st_["pages_held"] == (len(s.resident) + len(s.pending)) * self.ppf
@@ -564,3 +589,89 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestScheduler = SchedulerMachine.TestCase
+
+
+# ---- a first chunk of its own size: worked examples ------------------------------------------
+
+
+def run_stream(sched: _native.Scheduler, sid: int) -> list[tuple[int, int, int]]:
+    """Ticks and completes until nothing is ready; (chunk, frame_start, num_frames) of every
+    chunk's first denoising step."""
+    chunks = []
+    while (plan := sched.tick(0.0)) is not None:
+        if plan.kind[0] == 0 and plan.step[0] == 0:
+            chunks.append(
+                (int(plan.chunk_index[0]), int(plan.frame_start[0]), int(plan.num_frames[0]))
+            )
+        assert plan.q_cu_seqlens[-1] == plan.num_frames[0] * sched.tokens_per_frame
+        sched.check_invariants()
+        sched.complete(plan.id, 0.0)
+    return chunks
+
+
+def test_an_independent_first_frame_then_chunks_of_three():
+    sched = _native.Scheduler(
+        num_pages=32, page_tokens=16, tokens_per_frame=16, max_batch_tokens=16 * 3
+    )
+    phase = sched.open(
+        7, chunk_frames=3, first_chunk_frames=1, steps_per_chunk=[2], times=[1.0, 0.5],
+        max_frames=10,
+    )  # fmt: skip
+    assert phase == "idle"
+    assert sched.stats()["pages_reserved"] == 10  # 1 + 3 + 3 + 3 frames, one page each
+    assert run_stream(sched, 7) == [(0, 0, 1), (1, 1, 3), (2, 4, 3), (3, 7, 3)]
+    stats = sched.stream_stats(7)
+    assert (stats["phase"], stats["chunk"], stats["frames_emitted"]) == ("finished", 4, 10)
+    assert sched.page_table(7)[0].tolist() == list(range(10))
+    sched.close(7)
+    stats = sched.stats()
+    assert stats["pages_free"] == 32 and stats["pages_used"] == stats["pages_reserved"] == 0
+    sched.check_invariants()
+
+
+def test_first_chunk_frames_none_is_uniform_chunks():
+    sched = _native.Scheduler(
+        num_pages=32, page_tokens=16, tokens_per_frame=16, max_batch_tokens=16 * 3
+    )
+    sched.open(1, chunk_frames=3, first_chunk_frames=None, steps_per_chunk=[1], times=[1.0],
+               max_frames=6)  # fmt: skip
+    assert run_stream(sched, 1) == [(0, 0, 3), (1, 3, 3)]
+
+
+def test_a_window_reserves_the_larger_first_chunk():
+    sched = _native.Scheduler(num_pages=6, page_tokens=16, tokens_per_frame=16, max_batch_tokens=64)
+    # sink 1 + window 2 + the 3-frame first chunk, though later chunks have 1 frame.
+    sched.open(1, chunk_frames=1, first_chunk_frames=3, steps_per_chunk=[1], times=[1.0],
+               sink_frames=1, window_frames=2)  # fmt: skip
+    assert sched.stats()["pages_reserved"] == 6
+    for _ in range(10):
+        plan = sched.tick(0.0)
+        sched.complete(plan.id, 0.0)
+        sched.check_invariants()
+    sched.close(1)
+    assert sched.stats()["pages_free"] == 6
+
+
+def test_first_chunk_frames_is_checked_like_chunk_frames():
+    sched = _native.Scheduler(
+        num_pages=32, page_tokens=16, tokens_per_frame=16, max_batch_tokens=64
+    )
+    base = dict(chunk_frames=3, steps_per_chunk=[1], times=[1.0], max_frames=4)
+    for value, error in [
+        (-1, OverflowError),
+        (2**32, OverflowError),
+        ("1", TypeError),
+        (1.0, TypeError),
+        (True, TypeError),
+        (0, ConfigError),
+        (5, ConfigError),  # 5 frames × 16 tokens are over max_batch_tokens
+    ]:
+        try:
+            sched.open(1, first_chunk_frames=value, **base)
+        except error as e:
+            assert "first_chunk_frames" in str(e), str(e)
+        else:
+            raise AssertionError(f"first_chunk_frames={value!r} should raise {error.__name__}")
+    assert sched.stream_ids() == [] and sched.stats()["pages_reserved"] == 0
+    sched.open(1, first_chunk_frames=np.uint8(1), **base)  # NumPy integers are integers
+    assert run_stream(sched, 1)[:2] == [(0, 0, 1), (1, 1, 3)]
