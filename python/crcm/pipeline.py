@@ -25,7 +25,7 @@ import torch
 from crcm.codec import Codec, PixelCodec
 from crcm.errors import ConfigError
 from crcm.models import CausalDiT, DiTConfig, get_config
-from crcm.models.wan_weights import load_weights, save_weights
+from crcm.models.wan_weights import load_state_dict, load_weights, save_weights
 from crcm.sampling import SamplerConfig, get_preset
 
 FORMAT_VERSION = 1
@@ -145,22 +145,20 @@ class Pipeline:
         """A pipeline around a safetensors checkpoint in crcm, original-Wan or diffusers naming.
 
         For the public Self-Forcing / CausVid / Causal-rCM releases: ``config="wan2.1-1.3b"``,
-        ``prefix="generator_ema."`` when the file holds several models, the ``self-forcing``
-        sampler (its warped 4-step times, c3-3, the clean time-0 cache update), and a
-        :class:`crcm.codec.VAECodec` wrapping your Wan VAE (crcm ships no VAE weights; without
-        one, frames are the latents packed as pixels). Conditions are text-encoder tokens
-        ``[text_len, text_dim]`` passed to ``Runtime.open(cond=...)``. Checkpoints saved with
-        ``torch.save`` (pickles) are refused: convert them to safetensors where you trust them.
+        the ``self-forcing`` sampler, and a codec (``crcm.load`` of a diffusers Wan folder with
+        ``checkpoint=`` gives the whole text-to-video pipeline: VAE, text encoder and sampler).
+        ``.pt`` files are read with ``torch.load(weights_only=True)`` only, never unpickled;
+        ``prefix`` picks the model in a multi-model file (``"generator_ema"``, ``"generator"``;
+        by default the EMA weights where there are some).
         """
+        from crcm.wan.folder import read_checkpoint
+
         cfg = get_config(config) if isinstance(config, str) else config
-        if str(path).endswith((".pt", ".pth", ".bin", ".ckpt")):
-            raise ConfigError(
-                f"{path} looks like a pickle; crcm loads safetensors only (never unpickles)"
-            )
-        read_safetensors_header(path)  # a corrupt file is refused before the model is built
+        key = prefix.rstrip(".") or None
+        state = read_checkpoint(path, key=key)  # checked before the model is built
         model = CausalDiT(cfg)
         try:
-            load_weights(model, path, prefix=prefix)
+            load_state_dict(model, state)
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot load {path}: {err}") from err
         if isinstance(sampler, str):

@@ -10,8 +10,8 @@ crcm-only parameters (``null_text``, ``class_embedding``, ``action_embedding``) 
 diffusers counterpart; conversions keep them under their crcm names, and loading a Wan/diffusers
 checkpoint leaves them at the model's initial values (and says which).
 
-Checkpoints are never unpickled: a ``.pt`` from a training run must be converted by its owner
-(``torch.load(..., weights_only=True)``, pick the sub-dict, ``safetensors.torch.save_file``).
+Checkpoints are never unpickled: released ``.pt`` files are read by
+:func:`crcm.wan.folder.read_checkpoint` with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
