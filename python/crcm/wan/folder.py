@@ -206,7 +206,7 @@ def load_transformer(
     with torch.device("meta"):
         model = CausalDiT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    shards = _transformer_shards(Path(folder))
+    shards = weight_files(Path(folder) / "transformer")
     weights = shards[0] if len(shards) == 1 else shards[0].with_name(_WEIGHTS_INDEX)
     headers = {shard: _safetensors_header(shard)[0] for shard in shards}
     meta = {
@@ -353,16 +353,16 @@ def _named_part(entry: Any) -> bool:
     return isinstance(entry, list) and any(e is not None for e in entry)
 
 
-def _transformer_shards(folder: Path) -> list[Path]:
-    """The transformer's safetensors files: the single file, or the shards its index names."""
-    transformer = folder / "transformer"
-    if (transformer / _WEIGHTS).is_file():
-        return [transformer / _WEIGHTS]
-    index_path = transformer / _WEIGHTS_INDEX
+def weight_files(part: Path, filename: str = _WEIGHTS, what: str = "transformer") -> list[Path]:
+    """A part's safetensors files: ``part/filename``, or the shards its ``.index.json`` names
+    (each checked to be a safetensors file inside the part's folder)."""
+    if (part / filename).is_file():
+        return [part / filename]
+    index_path = part / f"{filename}.index.json"
     if not index_path.is_file():
-        pickled = sorted(p.name for p in transformer.glob("*.bin"))
+        pickled = sorted(p.name for p in part.glob("*.bin"))
         also = f" (only {', '.join(pickled)}: pickles, which crcm never loads)" if pickled else ""
-        raise ConfigError(f"no transformer weights: {transformer / _WEIGHTS} is missing{also}")
+        raise ConfigError(f"no {what} weights: {part / filename} is missing{also}")
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConfigError(f"{index_path} has no weight_map")
@@ -372,9 +372,26 @@ def _transformer_shards(folder: Path) -> list[Path]:
             raise ConfigError(
                 f"{index_path} names a shard outside the folder or not safetensors: {name!r}"
             )
-        if not (transformer / name).is_file():
-            raise ConfigError(f"{index_path} names {transformer / name}, which is missing")
-    return [transformer / name for name in names]
+        if not (part / name).is_file():
+            raise ConfigError(f"{index_path} names {part / name}, which is missing")
+    return [part / name for name in names]
+
+
+def read_weights(
+    files: list[Path], *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """Every tensor of the given safetensors files, floating ones cast to ``dtype`` as each is
+    read (so a dtype change never holds two copies of a whole file)."""
+    state: dict[str, Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = f.get_tensor(key)
+                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"{path} is not a valid safetensors file: {err}") from None
+    return state
 
 
 def _safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:

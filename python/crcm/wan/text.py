@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from crcm.errors import ConfigError
+from crcm.wan.folder import read_weights, weight_files
 
 __all__ = ["WAN_NEGATIVE_PROMPT", "WAN_NEGATIVE_PROMPT_EN", "WanTextEncoder", "clean_prompt"]
 
@@ -128,7 +129,8 @@ class WanTextEncoder:
 
         with torch.device("meta"):
             encoder = UMT5EncoderModel(config)
-        state_dict = _read_encoder_weights(encoder_dir, dtype)
+        files = weight_files(encoder_dir, "model.safetensors", "text encoder")
+        state_dict = read_weights(files, dtype=dtype)
         _assign_weights(encoder, state_dict, encoder_dir)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -210,35 +212,6 @@ def _check_prompts(prompts: object) -> list[str]:
         if not isinstance(prompt, str):
             raise ConfigError(f"prompts[{index}] must be a string, got {type(prompt).__name__}")
     return list(prompts)
-
-
-def _read_encoder_weights(encoder_dir: Path, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The encoder's tensors from ``model.safetensors`` or its sharded index, floats in dtype."""
-    from safetensors import SafetensorError, safe_open
-
-    single, index = encoder_dir / "model.safetensors", encoder_dir / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"cannot read the shard index {index}: {error!r}") from None
-        files = [encoder_dir / name for name in dict.fromkeys(weight_map.values())]
-    else:
-        raise ConfigError(f"no model.safetensors or model.safetensors.index.json in {encoder_dir}")
-    state_dict: dict[str, Tensor] = {}
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"text encoder weights missing: {file}")
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for key in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensor = reader.get_tensor(key)
-                    state_dict[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        except (OSError, SafetensorError) as error:
-            raise ConfigError(f"cannot read {file}: {error}") from None
-    return state_dict
 
 
 def _assign_weights(encoder: torch.nn.Module, state_dict: dict[str, Tensor], where: Path) -> None:

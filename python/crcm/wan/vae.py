@@ -26,11 +26,11 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     patchify,
     unpatchify,
 )
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from crcm.codec import frames_to_unit, unit_to_frames
 from crcm.errors import ConfigError
+from crcm.wan.folder import read_weights, weight_files
 
 __all__ = ["WanDecoderState", "WanVAECodec"]
 
@@ -108,7 +108,7 @@ class WanVAECodec:
             raise ConfigError(f"unreadable VAE config {config_path}: {e}") from e
         with torch.device("meta"):
             vae = AutoencoderKLWan.from_config(config)
-        weights = _read_weights(folder, torch.device(device), dtype)
+        weights = read_weights(weight_files(folder, what="VAE"), dtype=dtype, device=device)
         expected = set(vae.state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
@@ -261,31 +261,3 @@ def _concat(entries: list[CacheEntry]) -> CacheEntry:
     if not isinstance(entries[0], Tensor):
         return entries[0]  # None or "Rep": equal across the group (part of the group key)
     return entries[0] if len(entries) == 1 else torch.cat(entries, dim=0)  # type: ignore[arg-type]
-
-
-def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """``diffusion_pytorch_model.safetensors``, or the shards its ``.index.json`` names."""
-    single = folder / "diffusion_pytorch_model.safetensors"
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"unreadable safetensors index {index}: {e}") from e
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    else:
-        raise ConfigError(f"VAE weights not found: {single} (nor a sharded {index.name})")
-    weights: dict[str, Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"VAE weights shard not found: {path}")
-        try:
-            with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open has keys() but no __iter__)
-                    tensor = f.get_tensor(key)
-                    weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{path} is not a valid safetensors file: {e}") from e
-    return weights
