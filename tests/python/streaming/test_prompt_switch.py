@@ -149,3 +149,20 @@ def test_prompt_errors_are_clear() -> None:
         pytest.raises(ConfigError, match="no text encoder"),
     ):
         rt.open(prompt="x")
+
+
+def test_guided_sampling_uses_the_negative_prompt() -> None:
+    from crcm.sampling import get_preset
+
+    pipe = make_pipe()
+    teacher = get_preset("teacher", 2)
+
+    def frames(**kw) -> np.ndarray:
+        with crcm.Runtime(pipe, max_streams=1, cfg=True) as rt:
+            s = rt.open(prompt="a cat", sampler=teacher, seed=0, max_frames=2, **kw)
+            return np.stack(run_to(rt, s, 2))
+
+    pipe.negative_prompt = "blurry"
+    default = frames()
+    np.testing.assert_array_equal(default, frames(negative_prompt="blurry"))
+    assert not np.array_equal(default, frames(negative_prompt="ugly"))

@@ -122,3 +122,17 @@ def test_errors_name_what_is_wrong(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(crcm.ConfigError, match="Wan folders only"):
         crcm.load("breakout", checkpoint=tmp_path / "x.pt")
     assert main(["stream", str(tmp_path / "o.mp4"), "--model", str(folder / "nope")]) == 2
+
+
+def test_context_frames_are_encoded_and_the_stream_continues_from_them(folder: Path) -> None:
+    pipe = crcm.load(folder, frame_hw=HW)
+    rng = np.random.default_rng(0)
+    context = rng.integers(0, 256, (9, *HW, 3), dtype=np.uint8)  # 1 + 4·2: one chunk of 3
+    with crcm.Runtime(pipe, max_streams=1) as rt:
+        session = rt.open(prompt="a boat", context=context, seed=0, max_frames=21)
+        rt.run_until_idle()
+        frames = np.stack(session.read())
+    assert frames.shape == (21, *HW, 3)
+    # The stream's first frames are the context through the VAE (encode, then decode).
+    expected = pipe.codec.decode(pipe.codec.encode(context[None]))[0].numpy()
+    assert np.abs(frames[:9].astype(int) - expected.astype(int)).max() <= 1
