@@ -64,7 +64,14 @@ def _cmd_play(args: argparse.Namespace) -> int:
         resolve_model,
         uvicorn_server,
     )
+    from crcm.wan.folder import is_wan_folder
 
+    if (args.height is None) != (args.width is None):
+        raise ConfigError("give --height and --width together")
+    names = args.model or list(DEFAULT_PLAY_MODELS)
+    wan = [name for name in names if is_wan_folder(name)]
+    if args.checkpoint is not None and len(wan) > 1:
+        raise ConfigError("--checkpoint applies to one Wan folder; this serves several")
     config = ServeConfig(
         max_sessions=args.max_sessions,
         fps=args.fps,
@@ -72,8 +79,24 @@ def _cmd_play(args: argparse.Namespace) -> int:
         seed=args.seed,
         allowed_hosts=tuple(args.allow_host or ()),
     )
-    names = args.model or list(DEFAULT_PLAY_MODELS)
-    server = PlayServer([resolve_model(name) for name in names], config)
+    wan_options = {
+        "checkpoint": args.checkpoint,
+        "checkpoint_key": args.checkpoint_key,
+        "frame_hw": None if args.height is None else (args.height, args.width),
+    }
+    if args.device is not None and args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device is available")
+
+    def load(name: str):
+        # The Wan options go to the Wan folders (to every model when there is none, so that
+        # crcm.load names the mistake); --device to every model loaded from a folder.
+        options = wan_options if name in wan or not wan else {}
+        return resolve_model(name, **options, device=args.device)
+
+    server = PlayServer([load(name) for name in names], config)
     sock = bind_socket(args.host, args.port)  # fails here, with one line, if the port is taken
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -81,9 +104,22 @@ def _cmd_play(args: argparse.Namespace) -> int:
     for entry in server.models.values():
         h, w, c = entry.pipeline.frame_shape
         note = UNTRAINED_NOTE if entry.untrained else "trained"
-        print(f"  model {entry.name}: {h}x{w}x{c}, actions {', '.join(entry.action_names)}; {note}")
+        if entry.takes_prompt:
+            kv = entry.runtime.cache.nbytes / 2**30
+            print(
+                f"  model {entry.name}: text-to-video, {h}x{w}x{c} at {entry.fps:g} fps, "
+                f"{server.default_steps(entry.name)} steps per chunk; {note}\n"
+                f"    type a prompt on the page; its KV cache takes {kv:.2f} GiB "
+                f"({config.max_sessions} sessions)"
+            )
+        else:
+            print(
+                f"  model {entry.name}: {h}x{w}x{c}, actions {', '.join(entry.action_names)}; "
+                f"{note}"
+            )
     print(
-        f"  up to {config.max_sessions} players at {config.fps:g} frames/s each; Ctrl+C stops",
+        f"  up to {config.max_sessions} players at {config.fps:g} frames/s each (at most); "
+        "Ctrl+C stops",
         flush=True,
     )
     if not _is_loopback(host):
@@ -101,25 +137,45 @@ def _cmd_play(args: argparse.Namespace) -> int:
 def add_play_parser(subparsers) -> argparse.ArgumentParser:
     play = subparsers.add_parser(
         "play",
-        help="play a world model in the browser (a local web server)",
+        help="play a world model, or prompt a text-to-video model, in the browser",
         description="Serves a web page that streams a world model's frames and sends your keys "
-        "as its actions. Every browser tab is a session of one shared runtime, so players are "
-        "batched together. The default is the shipped Breakout world model; `--model tiny` "
+        "as its actions, or, for a text-to-video model (a diffusers Wan2.1 folder, optionally "
+        "with a causal student --checkpoint), streams its video and takes prompts, which switch "
+        "the video mid-stream. Every browser tab is a session of one shared runtime, so players "
+        "are batched together. The default is the shipped Breakout world model; `--model tiny` "
         "serves an untrained model (random weights), labelled so.",
     )
     play.add_argument(
         "--model",
         action="append",
         metavar="NAME_OR_PATH",
-        help="a shipped model name or pipeline folder; repeat to offer several "
-        f"(default: {', '.join(DEFAULT_PLAY_MODELS)})",
+        help="a shipped model name, pipeline folder or diffusers Wan2.1 folder; repeat to offer "
+        f"several (default: {', '.join(DEFAULT_PLAY_MODELS)})",
+    )
+    play.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="Wan folders: a causal student (.safetensors, or .pt read with weights_only) "
+        "whose weights replace the folder's transformer",
+    )
+    play.add_argument(
+        "--checkpoint-key", metavar="KEY", help="the model in a .pt (generator_ema, generator)"
+    )
+    play.add_argument("--height", type=_positive, help="Wan folders: frame height (480)")
+    play.add_argument("--width", type=_positive, help="Wan folders: frame width (832)")
+    play.add_argument(
+        "--device", help="where models loaded from folders run, e.g. cuda (default: cpu)"
     )
     play.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     play.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (8000)")
     play.add_argument("--max-sessions", type=_positive, default=8, help="players at once (8)")
     play.add_argument("--fps", type=_fps, default=30.0, help="frames/s per player, at most (30)")
     play.add_argument(
-        "--steps", type=int, choices=range(1, 5), default=1, help="default steps per frame (1)"
+        "--steps",
+        type=int,
+        choices=range(1, 5),
+        default=1,
+        help="default steps per frame of world models (1; text models: their sampler's)",
     )
     play.add_argument("--seed", type=int, help="noise seed of every session (default: random)")
     play.add_argument(

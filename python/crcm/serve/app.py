@@ -1,4 +1,4 @@
-"""The ``crcm play`` server: a FastAPI app whose websocket connections are world-model sessions.
+"""The ``crcm play`` server: a FastAPI app whose websocket connections are model sessions.
 
 One :class:`crcm.Runtime` per model, shared by every connection and running its step loop in a
 background thread, so concurrent players are batched into the same forwards. Each websocket is
@@ -9,6 +9,15 @@ one :class:`crcm.Session`; three asyncio tasks serve it:
   held action changes; it never lets more than ``max_inflight`` actions wait for their frame,
   so a slow model lowers the frame rate instead of growing the input-to-frame latency;
 * the **sender** pops frames and sends them as binary messages (header + raw uint8 pixels).
+
+A text-to-video model (a pipeline with a text encoder and no actions, e.g. ``crcm.load`` of a
+Wan folder) takes a prompt instead of actions: its session opens with the first prompt (a
+``prompt`` query parameter or message), generates continuously, paced by its frame buffer at
+the model's frame rate (16 frames/s for a video VAE's output) with ``block`` backpressure, so
+generation never runs more than two chunks ahead of the player; later prompts switch it
+mid-stream at its next chunk (``Session.set_cond``, a KV re-cache). Prompts are encoded on
+worker threads of their own, so that a slow text encoder never holds up a world model's
+pushes; the ticker has nothing to push for such a stream.
 
 Everything that touches the runtime (open, push, pop, close) runs in worker threads: the
 runtime holds its lock for a whole batched forward, and the event loop must keep serving the
@@ -61,8 +70,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 # Binary frame message: this little-endian header, then height*width*channels uint8 pixels
 # (row-major, HWC). header_bytes comes first so that the header can grow compatibly.
 #   u16 header_bytes, u8 channels, u8 action, u16 height, u16 width,
-#   u32 frame index, u32 input_seq (the last client "action" message this frame reflects),
-#   u32 latency_us (server side: the action's push to the frame's send)
+#   u32 frame index, u32 input_seq (the last client "action" message this frame reflects;
+#   for a text-to-video model the last "prompt" message), u32 latency_us (server side: the
+#   action's push, or the prompt's arrival, to the frame's send)
 FRAME_HEADER = struct.Struct("<HBBHHIII")
 
 # Websocket close codes (RFC 6455 §7.4.1).
@@ -79,6 +89,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Config names served with random weights when no shipped model has the name (resolve_model):
 # ``tiny`` tries the page and the runtime without a trained model.
 UNTRAINED_CONFIGS: dict[str, tuple[str, ...]] = {"tiny": ()}
+
+# Frame rate of a text-to-video model whose codec is a video VAE (Wan's videos are 16 fps).
+VIDEO_VAE_FPS = 16.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,10 @@ class ServeConfig:
     # Host names served besides the bound address and localhost (e.g. this machine's name
     # when it listens on a LAN); any other Host header is refused (DNS rebinding).
     allowed_hosts: tuple[str, ...] = ()
+    # Text-to-video models: the longest prompt, in characters (code points). A server with
+    # such a model accepts messages up to 6 bytes per prompt character (JSON's \uXXXX
+    # escapes) + 256, whatever max_message_bytes says (PlayServer.max_message_bytes).
+    max_prompt_chars: int = 2000
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, high: int) -> None:
@@ -133,6 +150,7 @@ class ServeConfig:
         seconds("ping_interval", 0.1, 3600)
         seconds("ping_timeout", 0.1, 3600)
         seconds("send_timeout", 0.1, 3600)
+        integer("max_prompt_chars", 1, 10_001)
         if isinstance(self.allowed_hosts, str) or not all(
             isinstance(h, str) and h for h in self.allowed_hosts
         ):
@@ -149,6 +167,34 @@ class ModelEntry:
     pipeline: Any  # crcm.Pipeline (imported lazily: torch is heavy)
     untrained: bool = False
     runtime: Any = None
+    fps: float | None = None  # frames/s of a text model's sessions (set by PlayServer)
+
+    @property
+    def takes_prompt(self) -> bool:
+        """A text-to-video model: a text encoder and no actions. Its sessions open with a
+        prompt and generate continuously."""
+        pipe = self.pipeline
+        return pipe.text_encoder is not None and not pipe.model.cfg.num_actions
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.takes_prompt else "world"
+
+    def native_fps(self, fallback: float) -> float:
+        """The frame rate a text model's video is made for: 16 for a video VAE's output (as
+        Wan's), else ``fallback``."""
+        return VIDEO_VAE_FPS if self.pipeline.codec.temporal_downsample > 1 else fallback
+
+    @property
+    def chunk_display_frames(self) -> int:
+        """The most frames one chunk decodes to."""
+        s = self.pipeline.sampler
+        return max(s.chunk_frames_of(0), s.chunk_frames) * self.pipeline.codec.temporal_downsample
+
+    @property
+    def max_steps(self) -> int:
+        """Steps per chunk its sampler has times for."""
+        return len(self.pipeline.sampler.times)
 
     @property
     def action_names(self) -> list[str]:
@@ -171,6 +217,8 @@ class ModelEntry:
             "idle_action": self.idle_action,
             "frame_shape": [h, w, c],
             "chunk_frames": self.pipeline.sampler.chunk_frames,
+            "kind": self.kind,  # "world" (keys → actions) or "text" (a prompt)
+            "fps": self.fps,  # a text model's pacing; None: the server's fps (world models)
         }
 
 
@@ -205,19 +253,48 @@ class PlayServer:
         for entry in models:
             if entry.name in self.models:
                 raise ConfigError(f"two models are named {entry.name!r}")
-            if not entry.pipeline.model.cfg.num_actions:
+            pipe = entry.pipeline
+            if not pipe.model.cfg.num_actions and not entry.takes_prompt:
                 raise ConfigError(
-                    f"{entry.name!r} takes no actions: crcm play needs a world model "
-                    "(use crcm stream to write a video model's output)"
+                    f"{entry.name!r} takes neither actions nor a prompt: crcm play needs a world "
+                    "model or a text-to-video model (use crcm stream to write a video model's "
+                    "output)"
                 )
+            if entry.takes_prompt:
+                entry.fps = min(entry.native_fps(self.config.fps), self.config.fps)
             if entry.runtime is None:
-                entry.runtime = Runtime(entry.pipeline, max_streams=self.config.max_sessions)
+                sampler = pipe.sampler
+                guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
+                entry.runtime = Runtime(
+                    pipe,
+                    max_streams=self.config.max_sessions,
+                    # A text model's guided (teacher) sampler needs the unconditional plane.
+                    cfg=guided and entry.takes_prompt,
+                )
             self.models[entry.name] = entry
         self.default_model = next(iter(self.models))
+        self.has_text = any(m.takes_prompt for m in self.models.values())
+        # Prompts make messages longer: every prompt of max_prompt_chars fits, even escaped.
+        self.max_message_bytes = self.config.max_message_bytes
+        if self.has_text:
+            self.max_message_bytes = max(
+                self.max_message_bytes, 6 * self.config.max_prompt_chars + 256
+            )
         self.active = 0  # open sessions; only the event loop thread changes it
         self.sessions_served = 0
         self._pop_pool: ThreadPoolExecutor | None = None
         self._ctl_pool: ThreadPoolExecutor | None = None
+        self._text_pool: ThreadPoolExecutor | None = None
+
+    def default_steps(self, model: str) -> int:
+        """Steps per frame (chunk) of a new session of ``model`` when the client names none:
+        the server's for a world model, the sampler's own for a text model (a distilled video
+        model is made for its step count)."""
+        entry = self.models[model]
+        if not entry.takes_prompt:
+            return self.config.steps
+        own = entry.pipeline.sampler.steps_per_chunk[0]
+        return max(1, min(own, entry.max_steps, self.config.max_steps))
 
     def start(self) -> None:
         n = self.config.max_sessions
@@ -227,13 +304,19 @@ class PlayServer:
         # open/push/close wait for the runtime lock (held for one batched forward); they
         # serialise on it anyway, so a few workers are enough.
         self._ctl_pool = ThreadPoolExecutor(max_workers=min(n, 4), thread_name_prefix="crcm-ctl")
+        if self.has_text:
+            # Prompt encoding (a large text encoder: tens of ms on a GPU, seconds on a CPU)
+            # has workers of its own: it never delays a world model's open/push/close.
+            self._text_pool = ThreadPoolExecutor(
+                max_workers=min(n, 2), thread_name_prefix="crcm-text"
+            )
         for entry in self.models.values():
             entry.runtime.start()
 
     def stop(self) -> None:
         for entry in self.models.values():
             entry.runtime.close()  # closes every session: pending pops return at once
-        for pool in (self._pop_pool, self._ctl_pool):
+        for pool in (self._pop_pool, self._ctl_pool, self._text_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
@@ -242,6 +325,13 @@ class PlayServer:
 
     async def pop(self, session):
         return await asyncio.get_running_loop().run_in_executor(self._pop_pool, _pop, session)
+
+    async def encode(self, entry: ModelEntry, prompt: str):
+        """The prompt's text-encoder tokens ``[text_len, text_dim]`` (the encoder caches them)."""
+        encoder = entry.pipeline.text_encoder
+        return await asyncio.get_running_loop().run_in_executor(
+            self._text_pool, lambda: encoder.encode([prompt])[0]
+        )
 
     def info(self) -> dict[str, Any]:
         c = self.config
@@ -252,7 +342,8 @@ class PlayServer:
             "sessions_served": self.sessions_served,
             "limits": {
                 "max_sessions": c.max_sessions,
-                "max_message_bytes": c.max_message_bytes,
+                "max_message_bytes": self.max_message_bytes,
+                "max_prompt_chars": c.max_prompt_chars,
                 "max_messages_per_s": c.max_messages_per_s,
                 "max_steps": c.max_steps,
             },
@@ -293,6 +384,12 @@ class ClientStalled(BadMessage):
     kind = "slow_client"
 
 
+class SessionFailed(BadMessage):
+    """The runtime ended the session (a forward or decode failed): the server's fault."""
+
+    kind = "internal"
+
+
 @dataclass
 class _Stream:
     """The current session of a connection and what its frames answer."""
@@ -304,6 +401,36 @@ class _Stream:
     pushed: int = 0  # actions pushed so far (frame k answers action k)
     received: int = 0  # 1 + index of the last frame sent
     meta: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # index → action…
+    # A text model's prompts: (first frame made with it, its message's seq, when it arrived),
+    # in order; frame k reflects the last one whose first frame is <= k. None: a world model.
+    prompts: list[tuple[int, int, float]] | None = None
+
+    def prompt_of(self, index: int) -> tuple[int, float]:
+        """``(seq, arrival)`` of the prompt frame ``index`` was made with (frames come in
+        order, so prompts superseded before it are forgotten)."""
+        prompts = self.prompts
+        while len(prompts) > 1 and prompts[1][0] <= index:
+            prompts.pop(0)
+        _, seq, arrived = prompts[0]
+        return seq, arrived
+
+
+def _switch_prompt(session, tokens) -> int:
+    """Switches a text session's condition from its next chunk on (``Session.set_cond``: a KV
+    re-cache); returns the index of the first frame made with it. Runs in a worker thread."""
+    from crcm.codec import video_frame_span
+
+    runtime = session.runtime
+    # No plan runs while the runtime's lock is held: the chunk the new condition applies to is
+    # the next one to start, which the scheduler's phase tells (a chunk being denoised or
+    # cache-updated has started, an idle stream's next one has not).
+    with runtime._lock:
+        session.set_cond(tokens)
+        stats = session.stats()
+    chunk = int(stats["chunk"]) + (stats["phase"] in ("denoise", "cache_update"))
+    sampler = session.sampler
+    first = 0 if chunk == 0 else sampler.chunk_frames_of(0) + (chunk - 1) * sampler.chunk_frames
+    return video_frame_span(runtime.pipeline.codec, first, 1)[0]
 
 
 class Connection:
@@ -314,8 +441,15 @@ class Connection:
         self.ws = ws
         self.config = server.config
         self.stream: _Stream | None = None
+        # The model and steps chosen (set by open): a text model has no stream until its
+        # first prompt.
+        self.entry: ModelEntry | None = None
+        self.steps = self.config.steps
         self.action = 0  # the held action
         self.seq = 0  # the client's seq of the message that set it
+        self.prompt: str | None = None  # a text model's prompt (kept over resets)
+        self.prompt_seq = 0  # the client's seq of the message that set it
+        self.prompt_at = time.perf_counter()  # when it arrived
         self.paused = False
         self.wake = asyncio.Event()  # wakes the ticker early
         self.changed = False  # the held action, pause or session changed: push at once
@@ -329,9 +463,13 @@ class Connection:
     async def open(self, model: str, steps: int) -> None:
         """(Re)opens the session: a reset is a close + open (the runtime has no reset)."""
         entry = self.server.models[model]
-        seed = self.config.seed if self.config.seed is not None else secrets.randbits(62)
+        if entry.takes_prompt:
+            await self._open_text(entry, steps)
+            return
+        seed = self._seed()
         async with self.lock:
             await self._close_stream()
+            self.entry, self.steps = entry, steps
             rt = entry.runtime
             session = await self.server.ctl(
                 lambda: rt.open(
@@ -355,6 +493,52 @@ class Connection:
         await self.send_json({"type": "session", "model": entry.describe(), "steps": steps})
         self.changed = True
         self.wake.set()
+
+    async def _open_text(self, entry: ModelEntry, steps: int) -> None:
+        """A text model's (re)start: its stream opens with the prompt, or with the first one
+        to come."""
+        tokens = None
+        if self.prompt is not None:  # encoded before the old stream closes: a shorter gap
+            tokens = await self.server.encode(entry, self.prompt)
+        async with self.lock:
+            await self._close_stream()
+            self.entry, self.steps = entry, steps
+            message = {
+                "type": "session",
+                "model": entry.describe(),
+                "steps": steps,
+                "prompt": self.prompt,
+                "prompt_seq": self.prompt_seq,
+            }
+            stream = None
+            if tokens is not None:
+                stream = await self._open_text_stream(entry, steps, tokens)
+            try:  # the "session" message goes out before any frame of the stream
+                await self.send_json(message)
+            finally:
+                self.stream = stream  # (a failed send ends the connection: close() closes it)
+        self.wake.set()
+
+    async def _open_text_stream(self, entry: ModelEntry, steps: int, tokens) -> _Stream:
+        seed, rt = self._seed(), entry.runtime
+        session = await self.server.ctl(
+            lambda: rt.open(
+                steps=steps,
+                seed=seed,
+                cond=tokens,  # the prompt, encoded on the text workers
+                # Paced by its buffer at the model's frame rate; generation pauses while two
+                # chunks wait in it ("block"), so it never runs far ahead of the player (and
+                # a new prompt shows within about two chunks).
+                target_fps=entry.fps,
+                buffer_frames=2 * entry.chunk_display_frames,
+                backpressure="block",
+            )
+        )
+        prompts = [(0, self.prompt_seq, self.prompt_at)]
+        return _Stream(session, entry, steps, time.perf_counter(), prompts=prompts)
+
+    def _seed(self) -> int:
+        return self.config.seed if self.config.seed is not None else secrets.randbits(62)
 
     def _inflight(self, entry: ModelEntry) -> int:
         if self.config.max_inflight is not None:
@@ -408,10 +592,9 @@ class Connection:
             raise BadMessage(CLOSE_UNSUPPORTED, "send JSON text messages, not binary")
         # Checked here, with a proper close, rather than by the server's websocket layer:
         # uvicorn's ws_max_size is only a hard bound far above this (see uvicorn_server).
-        if len(text) > self.config.max_message_bytes or (
-            len(text.encode("utf-8", "replace")) > self.config.max_message_bytes
-        ):
-            raise BadMessage(CLOSE_TOO_BIG, f"message over {self.config.max_message_bytes} bytes")
+        limit = self.server.max_message_bytes
+        if len(text) > limit or len(text.encode("utf-8", "replace")) > limit:
+            raise BadMessage(CLOSE_TOO_BIG, f"message over {limit} bytes")
         try:
             msg = json.loads(text)
         except json.JSONDecodeError:
@@ -421,6 +604,8 @@ class Connection:
         kind = msg["type"]
         if kind == "action":
             await self.on_action(msg)
+        elif kind == "prompt":
+            await self.on_prompt(msg)
         elif kind == "pause":
             paused = msg.get("paused")
             if not isinstance(paused, bool):
@@ -432,21 +617,37 @@ class Connection:
             await self.open(*self._current())
         elif kind == "config":
             model, steps = self._current()
-            model, steps = msg.get("model", model), msg.get("steps", steps)
-            self.check_choice(model, steps)
-            await self.open(model, steps)
+            chosen = msg.get("model", model)
+            if "steps" in msg:
+                steps = msg["steps"]
+            elif (
+                isinstance(chosen, str)
+                and chosen in self.server.models
+                and self.server.models[chosen].kind != self.server.models[model].kind
+            ):
+                steps = self.server.default_steps(chosen)  # a world model's steps don't carry
+            self.check_choice(chosen, steps)
+            await self.open(chosen, steps)
         else:
             raise BadMessage(CLOSE_POLICY, f"unknown message type {kind[:40]!r}")
 
-    async def on_action(self, msg: dict[str, Any]) -> None:
-        stream = self.stream
-        action, seq = msg.get("action"), msg.get("seq", 0)
+    @staticmethod
+    def _check_seq(seq: object) -> None:
         if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**32:
             raise BadMessage(CLOSE_POLICY, '"seq" must be an integer in [0, 2**32)')
+
+    async def on_action(self, msg: dict[str, Any]) -> None:
+        entry = self.entry
+        if entry is not None and entry.takes_prompt:
+            raise BadMessage(
+                CLOSE_POLICY, "this is a text-to-video model: send a prompt, not actions"
+            )
+        action, seq = msg.get("action"), msg.get("seq", 0)
+        self._check_seq(seq)
         try:
-            if isinstance(action, str) and not stream.entry.pipeline.action_names:
-                action = stream.entry.action_names.index(action)  # "action 2" on a nameless one
-            action = stream.entry.pipeline.action_id(action)
+            if isinstance(action, str) and not entry.pipeline.action_names:
+                action = entry.action_names.index(action)  # "action 2" on a nameless one
+            action = entry.pipeline.action_id(action)
         except (ConfigError, ValueError) as err:
             raise BadMessage(CLOSE_POLICY, str(err)[:120]) from None
         if (action, seq) != (self.action, self.seq):
@@ -454,16 +655,54 @@ class Connection:
             self.changed = True
             self.wake.set()
 
+    async def on_prompt(self, msg: dict[str, Any]) -> None:
+        """A text model's prompt: the first one starts its stream, a later one switches it
+        from its next chunk on. Acknowledged with the index of the first frame made with it."""
+        entry = self.entry
+        if entry is None or not entry.takes_prompt:
+            raise BadMessage(CLOSE_POLICY, "this is a world model: send actions, not a prompt")
+        text, seq = msg.get("text"), msg.get("seq", 0)
+        self._check_seq(seq)
+        self.check_prompt(text)
+        arrived = time.perf_counter()
+        tokens = await self.server.encode(entry, text)
+        async with self.lock:
+            self.prompt, self.prompt_seq, self.prompt_at = text, seq, arrived
+            ack = {"type": "prompt", "text": text, "seq": seq}
+            stream = self.stream
+            if stream is None:  # the first prompt starts the stream
+                stream = await self._open_text_stream(entry, self.steps, tokens)
+                try:  # the acknowledgement goes out before the stream's first frame
+                    await self.send_json({**ack, "from_frame": 0})
+                finally:
+                    self.stream = stream
+                return
+            first = await self.server.ctl(_switch_prompt, stream.session, tokens)
+            async with self.send_lock:  # no frame from `first` on goes out before this
+                stream.prompts.append((first, seq, arrived))
+                await self._send(self.ws.send_text(json.dumps({**ack, "from_frame": first})))
+
+    def check_prompt(self, text: object) -> None:
+        limit = self.config.max_prompt_chars
+        if not isinstance(text, str) or len(text) > limit:
+            raise BadMessage(CLOSE_POLICY, f'"text" must be a string of at most {limit} characters')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800")
+            raise BadMessage(CLOSE_POLICY, 'the prompt "text" is not valid Unicode') from None
+
     def _current(self) -> tuple[str, int]:
-        stream = self.stream
-        if stream is None:  # between a close and an open
+        if self.entry is None:  # before the first open
             return self.server.default_model, self.config.steps
-        return stream.entry.name, stream.steps
+        return self.entry.name, self.steps
 
     def check_choice(self, model: object, steps: object) -> None:
         if not isinstance(model, str) or model not in self.server.models:
             raise BadMessage(CLOSE_POLICY, f"unknown model; known: {list(self.server.models)}")
         max_steps = self.config.max_steps
+        entry = self.server.models[model]
+        if entry.takes_prompt:
+            max_steps = min(max_steps, entry.max_steps)
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= max_steps:
             raise BadMessage(CLOSE_POLICY, f'"steps" must be an integer in [1, {max_steps}]')
 
@@ -472,6 +711,13 @@ class Connection:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
+            entry = self.entry
+            if entry is not None and entry.takes_prompt:
+                # Nothing to push: a text model's frames come on their own.
+                await self._woken_or_timeout(1.0)
+                self.wake.clear()
+                due = loop.time()
+                continue
             await self._woken_or_timeout(max(0.0, due - loop.time()))
             self.wake.clear()
             now = loop.time()
@@ -505,7 +751,11 @@ class Connection:
     async def push(self) -> bool:
         async with self.lock:
             stream = self.stream
-            if stream is None or stream.pushed - stream.received >= self._inflight(stream.entry):
+            if (
+                stream is None
+                or stream.prompts is not None  # a text model's stream (after a config switch)
+                or stream.pushed - stream.received >= self._inflight(stream.entry)
+            ):
                 return False
             action, seq = self.action, self.seq
             await self.server.ctl(stream.session.push_actions, [action])
@@ -519,15 +769,29 @@ class Connection:
             if stream is None:
                 await asyncio.sleep(0.01)
                 continue
+            if self.paused and stream.prompts is not None:
+                # A paused text stream: its frames wait in its buffer, whose backpressure
+                # pauses its generation.
+                await asyncio.sleep(0.02)
+                continue
             item = await self.server.pop(stream.session)
             if item is _TIMEOUT or self.stream is not stream:
                 continue  # nothing yet, or a frame of a session that was reset: drop it
             if item is None:  # closed by a reset, or by the server shutting down
                 if not stream.entry.runtime.running:
                     raise BadMessage(CLOSE_INTERNAL, "the runtime stopped")
+                if self.stream is stream and stream.session.closed:
+                    # Not by this connection (it lets go of a stream before closing it): the
+                    # runtime ended it, a forward of its failed (the runtime logged why).
+                    log.error("a session ended by the runtime: %r", stream.session.error)
+                    raise SessionFailed(CLOSE_INTERNAL, "the model failed on this session")
                 await asyncio.sleep(0.01)
                 continue
             frame, index, _ = item
+            if stream.prompts is not None:  # a text model: the prompt's seq, in send_frame
+                stream.received = max(stream.received, index + 1)
+                await self.send_frame(stream, frame, index, 0, None, 0.0)
+                continue
             # Indices below `index` were dropped (drop_oldest) or already sent: forget them.
             for k in [k for k in stream.meta if k < index]:
                 del stream.meta[k]
@@ -539,23 +803,33 @@ class Connection:
                 stream, frame, index, action, seq, time.perf_counter() - pushed_at
             )
 
-    async def send_frame(self, stream, frame: np.ndarray, index, action, seq, latency_s) -> None:
+    async def send_frame(
+        self, stream, frame: np.ndarray, index, action, seq: int | None, latency_s
+    ) -> None:
+        """Sends one frame; ``seq`` None: a text model's, which reflects the prompt its frame
+        was made with (looked up under the send lock, after which no prompt acknowledgement
+        can still be on its way for it), and whose latency counts from that prompt's
+        arrival."""
         h, w, c = frame.shape
-        header = FRAME_HEADER.pack(
-            FRAME_HEADER.size,
-            c,
-            action,
-            h,
-            w,
-            index & 0xFFFFFFFF,
-            seq,
-            min(int(latency_s * 1e6), 0xFFFFFFFF),
-        )
         async with self.send_lock:
             # Checked under the lock: a reset's "session" message may have gone out while this
             # frame waited, and the page must never see an old session's frame after it.
-            if self.stream is stream:
-                await self._send(self.ws.send_bytes(header + np.ascontiguousarray(frame).tobytes()))
+            if self.stream is not stream:
+                return
+            if seq is None:
+                seq, arrived = stream.prompt_of(index)
+                latency_s = time.perf_counter() - arrived
+            header = FRAME_HEADER.pack(
+                FRAME_HEADER.size,
+                c,
+                action,
+                h,
+                w,
+                index & 0xFFFFFFFF,
+                seq,
+                min(int(latency_s * 1e6), 0xFFFFFFFF),
+            )
+            await self._send(self.ws.send_bytes(header + np.ascontiguousarray(frame).tobytes()))
 
     async def send_json(self, obj: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -639,10 +913,19 @@ def create_app(server: PlayServer) -> Any:
         conn = Connection(server, ws)
         try:
             model = ws.query_params.get("model", server.default_model)
-            steps_text = ws.query_params.get("steps", str(server.config.steps))
-            # ASCII digits only (str.isdigit() also takes "²", which int() refuses), and few.
-            steps = int(steps_text) if re.fullmatch(r"[0-9]{1,3}", steps_text) else -1
+            steps_text = ws.query_params.get("steps")
+            if steps_text is None:
+                steps = server.default_steps(model) if model in server.models else 1
+            else:
+                # ASCII digits only (str.isdigit() also takes "²", which int() refuses), few.
+                steps = int(steps_text) if re.fullmatch(r"[0-9]{1,3}", steps_text) else -1
             conn.check_choice(model, steps)
+            prompt = ws.query_params.get("prompt")  # a text model's first prompt (optional)
+            if prompt is not None:
+                if not server.models[model].takes_prompt:
+                    raise BadMessage(CLOSE_POLICY, "a world model takes actions, not a prompt")
+                conn.check_prompt(prompt)
+                conn.prompt = prompt
             await conn._send(ws.send_text(json.dumps({"type": "hello", **server.info()})))
             await conn.run(model, steps)
         except ClientStalled as err:

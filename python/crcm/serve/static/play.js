@@ -1,4 +1,5 @@
-// crcm play: draws the world model's frames and sends the held action. Protocol: docs/play.md.
+// crcm play: draws the model's frames and sends the held action (world models) or the prompt
+// (text-to-video models). Protocol: docs/play.md.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,6 +18,7 @@ const KEY_LABELS = { Space: "space", ArrowUp: "↑", ArrowDown: "↓", ArrowLeft
 const state = window.crcmPlay = {
   ws: null, model: null, hello: null, paused: false, open: false, error: null,
   frames: [], received: 0, action: 0, seq: 0, sessions: 0,
+  prompt: null, promptSeq: 0, pendingPrompt: null,  // text-to-video models
 };
 let keyToAction = new Map();
 let held = [];  // held key codes, most recent last
@@ -59,9 +61,15 @@ function onJson(msg) {
     const steps = [];
     for (let k = 1; k <= msg.limits.max_steps; k++) steps.push([String(k), String(k)]);
     fillSelect($("steps"), steps);
+    if (msg.limits.max_prompt_chars) $("prompt").maxLength = msg.limits.max_prompt_chars;
     $("players").textContent = `${msg.sessions} / ${msg.limits.max_sessions}`;
   } else if (msg.type === "session") {
     startSession(msg);
+  } else if (msg.type === "prompt") {
+    // The server took the prompt: frames from msg.from_frame on are made with it.
+    state.pendingPrompt = msg;
+    if (state.prompt === null) showPrompt(msg.text);
+    else $("prompt-now").textContent = `${state.prompt} → switching to: ${msg.text}`;
   } else if (msg.type === "error") {
     state.error = msg;
     setStatus(`${msg.code}: ${msg.message}`, true);
@@ -85,13 +93,51 @@ function startSession(msg) {
   $("model").value = m.name;
   $("steps").value = String(msg.steps);
   $("untrained").hidden = !m.untrained;
+  const text = m.kind === "text";
+  $("prompt-form").hidden = !text;
+  $("keys").hidden = text;
+  $("action-row").hidden = text;
+  $("latency-label").textContent = text ? "prompt → frame" : "input → frame";
+  $("server-latency-label").textContent = text ? "server (prompt → send)" : "server (push → send)";
+  $("steps-label").textContent = text ? "steps per chunk" : "steps per frame";
+  state.prompt = null;
+  state.pendingPrompt = null;
+  if (text) {
+    state.seq = Math.max(state.seq, msg.prompt_seq || 0);
+    state.promptSeq = msg.prompt_seq || 0;
+    if (msg.prompt !== null && msg.prompt !== undefined) {
+      showPrompt(msg.prompt);
+      if (!$("prompt").value) $("prompt").value = msg.prompt;
+    } else {
+      $("prompt-now").textContent = "(no prompt yet)";
+      $("prompt-submit").textContent = "Generate";
+    }
+  }
   const [h, w] = m.frame_shape;
   canvas.width = w; canvas.height = h;
   const scale = Math.max(1, Math.floor(512 / Math.max(h, w)));
   canvas.style.width = `${w * scale}px`; canvas.style.height = `${h * scale}px`;
   image = ctx.createImageData(w, h);
   buildLegend(m);
-  setStatus(`playing ${m.label}`);
+  if (!text) setStatus(`playing ${m.label}`);
+  else setStatus(state.prompt === null ? `${m.label}: type a prompt` : `streaming ${m.label}`);
+}
+
+function showPrompt(text) {
+  state.prompt = text;
+  $("prompt-now").textContent = text;
+  $("prompt-submit").textContent = "Switch";
+  if (state.model) setStatus(`streaming ${state.model.label}`);
+}
+
+function sendPrompt(ev) {
+  ev.preventDefault();  // a form submit (the button, or Enter in the box) never reloads
+  const text = $("prompt").value.trim();
+  if (!text || !state.model || state.model.kind !== "text") return;
+  state.seq += 1;
+  sentAt.set(state.seq, performance.now());
+  if (sentAt.size > 256) sentAt.delete(sentAt.keys().next().value);
+  send({ type: "prompt", text, seq: state.seq });
 }
 
 function buildLegend(m) {
@@ -121,6 +167,7 @@ function currentAction() {
 }
 
 function actionChanged() {
+  if (state.model.kind === "text") return;  // no actions: a prompt drives it
   const action = currentAction();
   if (action === state.action) return;
   state.action = action;
@@ -153,13 +200,24 @@ function onFrame(buf) {
   state.received += 1;
   state.frames.push({ index, action, seq, hash });
   if (state.frames.length > 600) state.frames.shift();
-  if (seq > lastAnswered && sentAt.has(seq)) {
+  const firstOfSeq = seq > lastAnswered;
+  if (firstOfSeq && sentAt.has(seq)) {
     latencies.push(now - sentAt.get(seq));
     if (latencies.length > 30) latencies.shift();
   }
   lastAnswered = Math.max(lastAnswered, seq);
-  serverLatencies.push(serverUs / 1000);
-  if (serverLatencies.length > 30) serverLatencies.shift();
+  // A text model's frames count from their prompt's arrival: only the first one of a prompt
+  // measures its latency.
+  if (state.model.kind !== "text" || firstOfSeq) {
+    serverLatencies.push(serverUs / 1000);
+    if (serverLatencies.length > 30) serverLatencies.shift();
+  }
+  const pending = state.pendingPrompt;
+  if (pending && seq === pending.seq && index >= pending.from_frame) {
+    state.pendingPrompt = null;
+    state.promptSeq = seq;
+    showPrompt(pending.text);
+  }
   frameTimes.push(now);
   while (frameTimes.length && frameTimes[0] < now - 1000) frameTimes.shift();
   $("frame-index").textContent = index;
@@ -191,7 +249,8 @@ function reset() {
 }
 
 document.addEventListener("keydown", (ev) => {
-  if (ev.target instanceof HTMLSelectElement) return;
+  // Typing a prompt is not playing: P, R and the action keys are text there.
+  if (ev.target instanceof HTMLSelectElement || ev.target instanceof HTMLInputElement) return;
   if (ev.code === "KeyP") { togglePause(); return; }
   if (ev.code === "KeyR") { reset(); return; }
   if (!keyToAction.has(ev.code)) return;
@@ -207,7 +266,14 @@ window.addEventListener("blur", () => { held = []; if (state.model) actionChange
 // Controls give the focus back at once: space (FIRE) must not click a focused button.
 $("pause").onclick = (ev) => { ev.currentTarget.blur(); togglePause(); };
 $("reset").onclick = (ev) => { ev.currentTarget.blur(); reset(); };
-$("model").onchange = $("steps").onchange = (ev) => {
+$("prompt-form").onsubmit = sendPrompt;
+// A new model starts at the server's steps for its kind (a text model's own, e.g. 4): a world
+// model's steps do not carry over to it, so only the steps selector sends steps.
+$("model").onchange = (ev) => {
+  ev.currentTarget.blur();
+  send({ type: "config", model: $("model").value });
+};
+$("steps").onchange = (ev) => {
   ev.currentTarget.blur();
   send({ type: "config", model: $("model").value, steps: Number($("steps").value) });
 };
