@@ -21,7 +21,8 @@ autocast (bf16 training) or the weights' dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from crcm.models.configs import DiTConfig
 __all__ = [
     "AttnFn",
     "CausalDiT",
+    "CrossKV",
     "apply_rope",
     "preceding_frames",
     "rope_cos_sin",
@@ -224,6 +226,37 @@ class SelfAttention(nn.Module):
         return self.o(o_B_L_H_D.flatten(2))
 
 
+@dataclass(frozen=True, eq=False)
+class CrossKV:
+    """The cross-attention K/V of a batch of conditions, one ``(k, v)`` pair per layer
+    (:meth:`CausalDiT.cross_kv`): what every forward would otherwise recompute from the
+    condition tokens (text-embedding MLP, then each layer's ``k``/``v`` linears and ``norm_k``).
+
+    ``k[i]`` and ``v[i]`` are layer ``i``'s ``[B, Lc, H, D]`` keys and values, in the weights'
+    dtype. Read-only: several forwards (and forked streams) may share one; :meth:`cat` makes new
+    tensors and nothing writes into them.
+    """
+
+    k: tuple[Tensor, ...]
+    v: tuple[Tensor, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @staticmethod
+    def cat(parts: Sequence[CrossKV]) -> CrossKV:
+        """The K/V of the rows of ``parts``, in order (concatenated on the batch dim)."""
+        if not parts:
+            raise ValueError("CrossKV.cat needs at least one part")
+        if len(parts) == 1:
+            return parts[0]
+        return CrossKV(
+            tuple(torch.cat(ks) for ks in zip(*(p.k for p in parts), strict=True)),
+            tuple(torch.cat(vs) for vs in zip(*(p.v for p in parts), strict=True)),
+        )
+
+
 class CrossAttention(nn.Module):
     """Attention from video tokens to condition tokens (Wan's ``WanT2VCrossAttention``).
 
@@ -238,13 +271,25 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x_B_L_D: Tensor, context_B_Lc_D: Tensor) -> Tensor:
-        x_B_L_D = x_B_L_D.to(self.q.weight.dtype)
+    def kv(self, context_B_Lc_D: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values ``[B, Lc, H, D]`` of the condition tokens."""
         context_B_Lc_D = context_B_Lc_D.to(self.q.weight.dtype)
         heads = (self.num_heads, -1)
-        q_B_L_H_D = self.norm_q(self.q(x_B_L_D)).unflatten(-1, heads)
         k_B_Lc_H_D = self.norm_k(self.k(context_B_Lc_D)).unflatten(-1, heads)
         v_B_Lc_H_D = self.v(context_B_Lc_D).unflatten(-1, heads)
+        return k_B_Lc_H_D, v_B_Lc_H_D
+
+    def forward(
+        self,
+        x_B_L_D: Tensor,
+        context_B_Lc_D: Tensor | None,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Attend to ``context_B_Lc_D``, or to its precomputed ``kv`` (:meth:`kv`) if given."""
+        x_B_L_D = x_B_L_D.to(self.q.weight.dtype)
+        heads = (self.num_heads, -1)
+        q_B_L_H_D = self.norm_q(self.q(x_B_L_D)).unflatten(-1, heads)
+        k_B_Lc_H_D, v_B_Lc_H_D = self.kv(context_B_Lc_D) if kv is None else kv
         return self.o(sdpa_attention(q_B_L_H_D, k_B_Lc_H_D, v_B_Lc_H_D).flatten(2))
 
 
@@ -297,14 +342,17 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         context_B_Lc_D: Tensor | None,
         attn_fn: AttnFn,
+        cross_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """``x_B_L_D`` float32 residual stream; ``e0_B_T_6_D`` float32 per-frame modulation."""
+        """``x_B_L_D`` float32 residual stream; ``e0_B_T_6_D`` float32 per-frame modulation;
+        ``cross_kv`` this layer's precomputed cross-attention K/V (instead of the context)."""
         mod_B_T_6_D = self.modulation[None] + e0_B_T_6_D
         shift1, scale1, gate1, shift2, scale2, gate2 = mod_B_T_6_D.unbind(2)
         y_B_L_D = self.self_attn(_modulate(self.norm1(x_B_L_D), shift1, scale1), rope, attn_fn)
         x_B_L_D = _gated_residual(x_B_L_D, y_B_L_D, gate1)
         if self.cross_attn is not None:
-            x_B_L_D = x_B_L_D + _wide(self.cross_attn(self.norm3(x_B_L_D), context_B_Lc_D))
+            y_B_L_D = self.cross_attn(self.norm3(x_B_L_D), context_B_Lc_D, cross_kv)
+            x_B_L_D = x_B_L_D + _wide(y_B_L_D)
         h_B_L_D = _modulate(self.norm2(x_B_L_D), shift2, scale2).to(self.ffn[0].weight.dtype)
         return _gated_residual(x_B_L_D, self.ffn(h_B_L_D), gate2)
 
@@ -430,6 +478,22 @@ class CausalDiT(nn.Module):
             return torch.where(drop_B, self.null_class, cond)
         return torch.where(drop_B[:, None, None], self.null_text.to(cond.dtype), cond)
 
+    def cross_kv(self, cond: Tensor | None, batch: int = 1) -> CrossKV:
+        """The cross-attention K/V of every layer for the condition ``cond`` (as ``forward``
+        takes it; ``None`` = the null condition for ``batch`` rows), condition embedding
+        included. ``forward(..., cross_kv=model.cross_kv(cond))`` equals
+        ``forward(..., cond=cond)`` and skips that work: a stream whose condition does not change
+        computes it once. No gradient flows to ``cond`` through a cache computed without one;
+        training passes ``cond``.
+        """
+        if self.cfg.cond == "none":
+            raise ValueError("this model has no per-video condition (cond='none')")
+        B = batch if cond is None else self._check_cond(cond)
+        device = self.patch_embedding.weight.device if cond is None else cond.device
+        context_B_Lc_D = self._embed_cond(cond, B, device)
+        kvs = [block.cross_attn.kv(context_B_Lc_D) for block in self.blocks]
+        return CrossKV(tuple(k for k, _ in kvs), tuple(v for _, v in kvs))
+
     # -- forward ------------------------------------------------------------------------------
 
     def forward(
@@ -442,6 +506,7 @@ class CausalDiT(nn.Module):
         actions_B_T: Tensor | None = None,
         attention: Attention = None,
         prev_B_T_C_H_W: Tensor | None = None,
+        cross_kv: CrossKV | None = None,
     ) -> Tensor:
         """Predict the RF velocity ``v = ε − x0`` for every frame.
 
@@ -459,6 +524,9 @@ class CausalDiT(nn.Module):
             prev_B_T_C_H_W: for a model with ``prev_frames = k > 0`` (and only then), the ``k``
                 clean frames before each frame concatenated on channels, ``[B, T, k·C, H, W]``
                 (:func:`preceding_frames`); zeros where a frame has no past.
+            cross_kv: the condition's precomputed cross-attention K/V (:meth:`cross_kv`, ``B``
+                rows), instead of ``cond`` (which must then be None): the same result without
+                recomputing them (a stream's condition is the same at every forward).
         Returns:
             ``v_B_T_C_H_W`` with ``out_channels`` channels, in ``x``'s dtype.
         With ``pt > 1``, ``s``, ``actions`` and ``frame_pos`` are read once per group of ``pt``
@@ -475,7 +543,13 @@ class CausalDiT(nn.Module):
             actions_B_T = self._per_model_frame(
                 "actions_B_T", self._check_actions(actions_B_T, B, T)
             )
-        context_B_Lc_D = self._embed_cond(cond, B, x_B_T_C_H_W.device)
+        if cross_kv is None:
+            context_B_Lc_D = self._embed_cond(cond, B, x_B_T_C_H_W.device)
+            layer_kv: Sequence[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
+        else:
+            self._check_cross_kv(cross_kv, cond, B)
+            context_B_Lc_D = None
+            layer_kv = list(zip(cross_kv.k, cross_kv.v, strict=True))
 
         prev_B_T_C_H_W = self._check_prev(prev_B_T_C_H_W, x_B_T_C_H_W)
         x_B_L_D = self.patchify(x_B_T_C_H_W, prev_B_T_C_H_W)
@@ -486,8 +560,8 @@ class CausalDiT(nn.Module):
             frame_pos_B_T, (grid_h, grid_w), cfg.head_dim, cfg.rope_theta, x_B_L_D.dtype
         )
         attn_fn = _resolve_attention(attention, x_B_L_D.shape[1], x_B_L_D.device)
-        for block in self.blocks:
-            x_B_L_D = block(x_B_L_D, e0_B_T_6_D, rope, context_B_Lc_D, attn_fn)
+        for block, kv in zip(self.blocks, layer_kv, strict=True):
+            x_B_L_D = block(x_B_L_D, e0_B_T_6_D, rope, context_B_Lc_D, attn_fn, kv)
         with torch.autocast(x_B_L_D.device.type, enabled=False):
             patches_B_L_P = self.head(x_B_L_D, e_B_T_D)
 
@@ -625,6 +699,21 @@ class CausalDiT(nn.Module):
         if bool(((actions < 0) | (actions > n)).any()):
             raise ValueError(f"actions must lie in [0, {n}] ({n} = null action)")
         return actions.long()
+
+    def _check_cross_kv(self, cross_kv: CrossKV, cond: Tensor | None, B: int) -> None:
+        if cond is not None:
+            raise ValueError("pass cond or cross_kv (the condition's precomputed K/V), not both")
+        if self.cfg.cond == "none":
+            raise ValueError("this model has no per-video condition (cond='none'); pass None")
+        if not isinstance(cross_kv, CrossKV):
+            raise ValueError(
+                f"cross_kv must be a CrossKV (model.cross_kv), got {_describe(cross_kv)}"
+            )
+        n = len(self.blocks)
+        if len(cross_kv.k) != n or len(cross_kv.v) != n:
+            raise ValueError(f"cross_kv has {len(cross_kv.k)} layers, the model has {n}")
+        if cross_kv.batch != B:
+            raise ValueError(f"cross_kv has batch {cross_kv.batch}, x has batch {B}")
 
     def _check_cond(self, cond: Tensor) -> int:
         """Validate a non-null condition; returns its batch size."""

@@ -24,6 +24,12 @@ unconditional row takes the stream's negative condition (a text model's negative
 drops the per-video condition, or — for models without one, such as world models conditioned on
 actions only — the actions (the convention of the training objectives).
 
+Condition K/V: a text model's cross-attention K/V depend on the condition only, not on the
+frames, so each stream computes its condition's (and its unconditional row's) once, at its first
+forward, and keeps them (``StreamState.cond_kv``/``uncond_kv``); a batched forward concatenates
+its rows'. At Wan2.1-1.3B in bf16 that is 30 layers × 512 tokens × 1536 × (K, V) × 2 bytes ≈ 90
+MiB per stream (twice that for a guided one), kept for the stream's lifetime.
+
 Decoding: the chunks that finish in the same forward are decoded together; a
 :class:`~crcm.codec.StreamingCodec` (a causal video VAE) continues each stream from its own
 decoder state, so no past frame is decoded twice.
@@ -46,6 +52,7 @@ import torch
 from crcm import _native
 from crcm.codec import Codec, StreamingCodec, video_frame_span
 from crcm.models import CausalDiT
+from crcm.models.dit import CrossKV
 from crcm.runtime.attention import RowPages, select_backend
 from crcm.runtime.kv_cache import PagedKVCache
 from crcm.sampling import SamplerConfig, consistency_step, euler_step
@@ -91,6 +98,12 @@ class StreamState:
     pending_cond: torch.Tensor | None = None  # a new condition, from the next chunk on
     # The chunks whose K/V are in the cache, kept for a condition switch (text models only).
     written: list[WrittenChunk] = field(default_factory=list)
+    # The cross-attention K/V of `cond` and of the unconditional rows (text models only), each
+    # with the condition it was computed from (`cond`, or `uncond`: None = the null condition):
+    # made at the stream's first forward, remade when that condition changes. ≈ 90 MiB each at
+    # Wan2.1-1.3B in bf16 (see the module docstring). Read-only: a fork shares its parent's.
+    cond_kv: tuple[torch.Tensor | None, CrossKV] | None = None
+    uncond_kv: tuple[torch.Tensor | None, CrossKV] | None = None
     guided: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +130,9 @@ class Executor:
         self.attention = select_backend(attention_backend, cache)
         self.streams: dict[int, StreamState] = {}
         self._device = cache.k.device
+        # Reuse each stream's condition K/V across forwards (text models); False recomputes
+        # them at every forward from the condition tokens (the model's plain path).
+        self.cache_cross_kv = model.cfg.cond == "text"
 
     def add_stream(self, stream_id: int, state: StreamState) -> None:
         if state.guided and self.cache.planes < 2:
@@ -166,7 +182,11 @@ class Executor:
         frame_start = torch.from_numpy(plan.frame_start[items][rows]).to(dev)
         pos_R_T = frame_start[:, None] + torch.arange(T, device=dev)
         actions_R_T = self._actions(plan, items, T, rows)
-        cond_R = self._cond(states, rows, n_cond=len(items))
+        cond_R = kv_R = None
+        if self.cache_cross_kv:
+            kv_R = self._cross_kv(states, rows, n_cond=len(items))
+        else:
+            cond_R = self._cond(states, rows, n_cond=len(items))
         prev_R = None
         if self.model.cfg.prev_frames:
             prev_R = torch.stack([states[j].prev for j in rows])
@@ -181,6 +201,7 @@ class Executor:
             actions_B_T=actions_R_T,
             attention=attn_fn,
             prev_B_T_C_H_W=prev_R,
+            cross_kv=kv_R,
         )
 
         finished: list[tuple[StreamState, torch.Tensor, int]] = []
@@ -296,6 +317,10 @@ class Executor:
             dtype=np.int32,
         )
         dev = self._device
+        kv = None
+        if self.cache_cross_kv:
+            kv = self.model.cross_kv(cond)
+            st.cond_kv = (cond, kv)
         for w in st.written:
             T = w.x.shape[0]
             rows = [resident.get(w.frame_start + t) for t in range(T)]
@@ -322,10 +347,11 @@ class Executor:
                 x,
                 torch.full((1, n), w.s, device=dev),
                 frame_pos_B_T=pos,
-                cond=cond,
+                cond=None if kv is not None else cond,
                 actions_B_T=None if w.actions is None else w.actions[keep][None],
                 attention=attn_fn,
                 prev_B_T_C_H_W=None if w.prev is None else w.prev[keep][None],
+                cross_kv=kv,
             )
         st.cond = cond
 
@@ -365,6 +391,28 @@ class Executor:
         drop[n_cond:] = True
         drop[torch.tensor(negative, dtype=torch.bool, device=cond.device)] = False
         return self.model.drop_cond(cond, drop)
+
+    def _cross_kv(self, states: list[StreamState], rows: list[int], n_cond: int) -> CrossKV:
+        """The rows' condition K/V, each stream's cached ones (made here at its first forward):
+        the conditional rows (the first n_cond) from ``cond``, the unconditional rows of guided
+        streams from the negative condition where the stream has one, else the null condition
+        (as :meth:`_cond`)."""
+        parts = []
+        for r, j in enumerate(rows):
+            st = states[j]
+            if r < n_cond:
+                if st.cond_kv is None or st.cond_kv[0] is not st.cond:
+                    st.cond_kv = (st.cond, self.model.cross_kv(st.cond))
+                parts.append(st.cond_kv[1])
+            else:
+                if st.uncond_kv is None or st.uncond_kv[0] is not st.uncond:
+                    cond = st.uncond
+                    if cond is None and st.cond is not None:  # the null condition, as _cond
+                        drop = torch.ones(1, dtype=torch.bool, device=st.cond.device)
+                        cond = self.model.drop_cond(st.cond, drop)
+                    st.uncond_kv = (st.uncond, self.model.cross_kv(cond))
+                parts.append(st.uncond_kv[1])
+        return CrossKV.cat(parts)
 
     def _attention(
         self, plan: _native.Plan, row_items: np.ndarray, planes: list[int], T: int
