@@ -752,7 +752,9 @@ def _pack(
         tokens_per_frame=model.tokens_per_frame(*x0_B_T_C_H_W.shape[-2:]),
         actions_B_T=actions_B_T,
         s_context_B_T=s_context_B_T,
-        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
+        # The previous frames are the context's own frames, noised with it: the model learns
+        # to continue from frames that are not quite right, as its own are in a rollout.
+        prev_B_T_C_H_W=model.previous_frames(context),
     )
 
 

@@ -155,6 +155,24 @@ def test_teacher_forcing_noisy_half_sees_the_clean_frames_before_it():
         torch.testing.assert_close(v_tf[:, t], v[:, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_context_noise_reaches_the_previous_frames_too():
+    """Context augmentation noises the context and the previous frames alike (they are the same
+    frames): a rollout's imperfect frames reach the model through both."""
+    model = randomized(CausalDiT(WM))
+    gen = torch.Generator().manual_seed(3)
+    B, T = 2, 3
+    x0 = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    x_s = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    s_B = torch.full((B,), 0.7)
+    clean = obj._pack(model, x0, x_s, s_B, 1, None, 0.0, gen)
+    torch.testing.assert_close(clean.prev_B_2T[:, :T], model.previous_frames(x0))
+    noised = obj._pack(model, x0, x_s, s_B, 1, None, 0.5, gen)
+    context = noised.x_B_2T_C_H_W[:, :T]
+    assert not torch.equal(context, x0)
+    torch.testing.assert_close(noised.prev_B_2T[:, :T], model.previous_frames(context))
+    torch.testing.assert_close(noised.prev_B_2T[:, T:], model.previous_frames(context))
+
+
 @pytest.mark.parametrize("loss", ["teacher-tf", "teacher-df", "base", "tf-scm", "tf-dcm"])
 def test_objectives_train_a_frame_conditioned_model(loss):
     torch.manual_seed(0)
