@@ -53,6 +53,10 @@ class DiTConfig:
     # context still carries the longer past; this gives the network the last frames aligned
     # pixel for pixel, so "the same as before, moved by the action" is cheap to learn.
     prev_frames: int = 0
+    # Actions also as one-hot planes on the patch embedding's input channels (beside the frame
+    # and its previous frames): every patch sees the action directly, not only through the
+    # blocks' modulation.
+    action_planes: bool = False
     # What the output head predicts. "v" (Wan's): the velocity itself. "x0": the clean frame,
     # returned as the velocity v = (x_s − x0̂)/max(s, X0_MIN_S). In pixel space with large
     # patches (Breakout's 8×8×3 = 192 values a token), a v-head must reproduce the input's
@@ -93,6 +97,10 @@ class DiTConfig:
         need(self.num_actions >= 0, f"num_actions={self.num_actions}")
         need(self.prev_frames >= 0, f"prev_frames={self.prev_frames}")
         need(
+            not self.action_planes or (self.num_actions > 0 and self.patch[0] == 1),
+            "action_planes needs num_actions > 0 and a temporal patch of 1",
+        )
+        need(
             self.prediction in ("v", "x0", "x0-change"),
             f'prediction must be "v", "x0" or "x0-change", got {self.prediction!r}',
         )
@@ -118,8 +126,10 @@ class DiTConfig:
 
     @property
     def patch_in_channels(self) -> int:
-        """Channels the patch embedding reads: the noisy frame and its ``prev_frames``."""
-        return self.in_channels * (1 + self.prev_frames)
+        """Channels the patch embedding reads: the noisy frame, its ``prev_frames`` and, with
+        ``action_planes``, one plane per action id (the null action included)."""
+        planes = self.num_actions + 1 if self.action_planes else 0
+        return self.in_channels * (1 + self.prev_frames) + planes
 
     @property
     def tokens_per_frame(self) -> int:

@@ -552,7 +552,7 @@ class CausalDiT(nn.Module):
             layer_kv = list(zip(cross_kv.k, cross_kv.v, strict=True))
 
         prev_B_T_C_H_W = self._check_prev(prev_B_T_C_H_W, x_B_T_C_H_W)
-        x_B_L_D = self.patchify(x_B_T_C_H_W, prev_B_T_C_H_W)
+        x_B_L_D = self.patchify(x_B_T_C_H_W, prev_B_T_C_H_W, actions_B_T)
         grid_t, grid_h, grid_w = T // pt, H // ph, W // pw
 
         e_B_T_D, e0_B_T_6_D = self._embed_time(s_B_T, actions_B_T)
@@ -590,11 +590,24 @@ class CausalDiT(nn.Module):
         denom = s_B_T.to(out.dtype).clamp_min(X0_MIN_S)[:, :, None, None, None]
         return (_wide(x_B_T_C_H_W).to(out.dtype) - out) / denom
 
-    def patchify(self, x_B_T_C_H_W: Tensor, prev_B_T_C_H_W: Tensor | None) -> Tensor:
-        """Patch embedding: ``[B, T, C, H, W]`` (with the previous frames on channels) → tokens
-        ``[B, L, D]`` ordered (frame, row, column), float32."""
+    def patchify(
+        self,
+        x_B_T_C_H_W: Tensor,
+        prev_B_T_C_H_W: Tensor | None,
+        actions_B_T: Tensor | None = None,
+    ) -> Tensor:
+        """Patch embedding: ``[B, T, C, H, W]`` (with the previous frames and, for
+        ``action_planes``, the one-hot actions on channels) → tokens ``[B, L, D]`` ordered
+        (frame, row, column), float32."""
         if prev_B_T_C_H_W is not None:
             x_B_T_C_H_W = torch.cat([x_B_T_C_H_W, prev_B_T_C_H_W.to(x_B_T_C_H_W.dtype)], dim=2)
+        if self.cfg.action_planes:
+            B, T, _, H, W = x_B_T_C_H_W.shape
+            if actions_B_T is None:
+                actions_B_T = torch.full((B, T), self.null_action, device=x_B_T_C_H_W.device)
+            one_hot = F.one_hot(actions_B_T.long(), self.cfg.num_actions + 1)
+            planes = one_hot.to(x_B_T_C_H_W.dtype)[..., None, None].expand(-1, -1, -1, H, W)
+            x_B_T_C_H_W = torch.cat([x_B_T_C_H_W, planes], dim=2)
         conv_in = x_B_T_C_H_W.transpose(1, 2).to(self.patch_embedding.weight.dtype)
         tokens_B_D_t_h_w = self.patch_embedding(conv_in)
         return _wide(tokens_B_D_t_h_w.flatten(2).transpose(1, 2))

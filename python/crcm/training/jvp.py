@@ -115,7 +115,7 @@ def model_jvp(
     prev_B_T_C_H_W = model._check_prev(prev_B_T_C_H_W, x_B_T_C_H_W)
 
     def patchify(x: Tensor) -> Tensor:
-        return model.patchify(x, prev_B_T_C_H_W)
+        return model.patchify(x, prev_B_T_C_H_W, actions_B_T)
 
     x_B_L_D, t_x_B_L_D = jvp(patchify, (x_B_T_C_H_W,), (t_x_B_T_C_H_W.to(x_B_T_C_H_W.dtype),))
     grid_h, grid_w = H // cfg.patch[1], W // cfg.patch[2]

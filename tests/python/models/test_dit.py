@@ -407,3 +407,42 @@ def test_invalid_configs(changes: dict, error: str) -> None:
 
 def test_configs_are_valid() -> None:
     assert set(CONFIGS) == {"tiny", "breakout", "wan2.1-1.3b"}
+
+
+def test_action_planes_reach_every_patch_before_any_block() -> None:
+    """With action_planes the action is on the patch embedding's input: even with the action
+    embedding at zero (as initialised), LEFT and RIGHT give different outputs; the JVP path
+    reads the same planes."""
+    from crcm.training.jvp import model_jvp
+
+    cfg = get_config("tiny").replace(
+        cond="none", num_classes=0, class_tokens=0, prev_frames=1, action_planes=True
+    )
+    model = CausalDiT(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("action_embedding"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    assert model.action_embedding.weight.abs().max() == 0
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    x = torch.randn(1, 2, cfg.in_channels, *cfg.frame_hw, generator=gen)
+    prev = torch.randn(1, 2, cfg.in_channels, *cfg.frame_hw, generator=gen)
+    s = torch.full((1, 2), 0.5)
+    left, right = (torch.full((1, 2), a) for a in (1, 2))
+    v_left = model(x, s, actions_B_T=left, prev_B_T_C_H_W=prev)
+    v_right = model(x, s, actions_B_T=right, prev_B_T_C_H_W=prev)
+    assert (v_left - v_right).abs().max() > 1e-3
+    v_jvp, _ = model_jvp(
+        model,
+        x,
+        s,
+        torch.zeros_like(x),
+        torch.zeros_like(s),
+        actions_B_T=left,
+        prev_B_T_C_H_W=prev,
+        backend="torch",
+    )
+    torch.testing.assert_close(v_jvp, v_left, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="action_planes"):
+        get_config("tiny").replace(cond="none", num_actions=0, action_planes=True)
