@@ -372,13 +372,18 @@ def run_wan_suite(
     return list(record["rows"])
 
 
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+
+
 def _load_bench_wan():
-    """``benches/bench_wan.py`` of the source tree, imported, or None where there is none."""
+    """``benches/bench_wan.py`` of the source tree (an editable install's, else the checkout
+    this is run from), imported, or None where there is none (a wheel used elsewhere)."""
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[2] / "benches" / "bench_wan.py"
-    if not path.is_file():
+    scripts = [root / "benches" / "bench_wan.py" for root in (_SOURCE_ROOT, Path.cwd())]
+    path = next((p for p in scripts if p.is_file()), None)
+    if path is None:
         return None
     name = "crcm_bench_wan"
     if name in sys.modules:
