@@ -11,11 +11,14 @@ and the text rule are Wan's.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import string
 from pathlib import Path
 
 import torch
+
+from crcm.models import DiTConfig
 
 __all__ = ["TINY_WORDS", "make_tiny_wan_folder", "tiny_tokenizer", "tiny_wan_configs"]
 
@@ -224,3 +227,39 @@ def _randomize_constant_inits(module: torch.nn.Module, seed: int) -> None:
             if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
                 noise = torch.randn(parameter.shape, generator=generator) * 0.02
                 parameter.add_(noise.to(parameter.dtype))
+
+
+def tiny_text_config(text_dim: int = 8, text_len: int = 4) -> DiTConfig:
+    """A text-conditioned DiT of a few thousand parameters (8×8 latents, 16 tokens a frame), for
+    tests of prompts and condition switching without a real encoder."""
+    return DiTConfig(
+        in_channels=4,
+        out_channels=4,
+        dim=24,
+        num_layers=2,
+        num_heads=2,
+        ffn_dim=48,
+        frame_hw=(8, 8),
+        cond="text",
+        text_dim=text_dim,
+        text_len=text_len,
+    )
+
+
+class HashTextEncoder:
+    """A stand-in prompt encoder (no tokenizer, no weights): each prompt's tokens are drawn from
+    a generator seeded by the prompt's SHA-256, so equal prompts give equal tokens and others
+    differ. ``calls`` counts ``encode`` calls."""
+
+    def __init__(self, dim: int = 8, text_len: int = 4) -> None:
+        self.dim, self.text_len = dim, text_len
+        self.calls = 0
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        self.calls += 1
+        rows = []
+        for prompt in prompts:
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+            gen = torch.Generator().manual_seed(seed)
+            rows.append(torch.randn(self.text_len, self.dim, generator=gen))
+        return torch.stack(rows)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,35 +10,10 @@ import crcm
 from crcm.models import CausalDiT, DiTConfig
 from crcm.models.dit import CrossKV
 from crcm.sampling import SamplerConfig, get_preset
+from crcm.wan.tiny import HashTextEncoder, tiny_text_config
 
 TEXT_LEN, TEXT_DIM = 4, 8
-CFG = DiTConfig(
-    in_channels=4,
-    out_channels=4,
-    dim=24,
-    num_layers=2,
-    num_heads=2,
-    ffn_dim=48,
-    frame_hw=(8, 8),
-    cond="text",
-    text_dim=TEXT_DIM,
-    text_len=TEXT_LEN,
-)
-
-
-class HashTextEncoder:
-    """A stand-in prompt encoder: tokens drawn from a generator seeded by the prompt's hash."""
-
-    dim, text_len = TEXT_DIM, TEXT_LEN
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        rows = []
-        for p in prompts:
-            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
-            rows.append(
-                torch.randn(TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
-            )
-        return torch.stack(rows)
+CFG = tiny_text_config(TEXT_DIM, TEXT_LEN)
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:

@@ -9,6 +9,7 @@ import json
 import time
 
 import torch
+from websockets.exceptions import ConnectionClosed
 
 from crcm.pipeline import Pipeline
 from crcm.serve.app import ModelEntry, PlayServer, ServeConfig, ServerThread, create_app
@@ -64,3 +65,29 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def closed_with(ws, timeout: float = 30.0) -> tuple[int | None, dict | None]:
+    """Reads until the server closes: (close code, the error message it sent before)."""
+    error = None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(msg, str) and json.loads(msg)["type"] == "error":
+                error = json.loads(msg)
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else None, error
+    raise AssertionError("the server did not close the connection")
+
+
+def wait_idle(srv) -> None:
+    """Every session is gone and its pages are back in the pool."""
+
+    def idle():
+        stats = [m.runtime.stats() for m in srv.play.models.values()]
+        return srv.play.active == 0 and all(
+            s["streams"] == 0 and s["pages_used"] == 0 for s in stats
+        )
+
+    wait_until(idle, what="sessions to close and pages to return")

@@ -15,7 +15,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
 
-from play_helpers import play_server, recv_json, responsive_pipeline, wait_until, ws_url
+from play_helpers import (
+    closed_with,
+    play_server,
+    recv_json,
+    responsive_pipeline,
+    wait_idle,
+    wait_until,
+    ws_url,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -60,32 +68,6 @@ def _frames(ws, n: int, timeout: float = 20.0) -> list[tuple[dict, object]]:
     return out
 
 
-def _closed_with(ws, timeout: float = 30.0) -> tuple[int, dict | None]:
-    """Reads until the server closes: (close code, the error message it sent before)."""
-    error = None
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(msg, str) and json.loads(msg)["type"] == "error":
-                error = json.loads(msg)
-    except ConnectionClosed as closed:
-        return closed.rcvd.code if closed.rcvd else None, error
-    raise AssertionError("the server did not close the connection")
-
-
-def _idle(srv) -> None:
-    """Every session is gone and its pages are back in the pool."""
-
-    def idle():
-        stats = [m.runtime.stats() for m in srv.play.models.values()]
-        return srv.play.active == 0 and all(
-            s["streams"] == 0 and s["pages_used"] == 0 for s in stats
-        )
-
-    wait_until(idle, what="sessions to close and pages to return")
-
-
 def test_hello_session_and_frames(srv):
     with _connect(srv) as ws:
         hello = recv_json(ws, "hello")
@@ -100,7 +82,7 @@ def test_hello_session_and_frames(srv):
     for fields, pixels in frames:
         assert pixels.shape == (16, 16, 1) and pixels.dtype.name == "uint8"
         assert fields["action"] == 0 and fields["input_seq"] == 0  # NOOP while no key is held
-    _idle(srv)
+    wait_idle(srv)
 
 
 def _play(srv, press_at: int | None, n: int = 12) -> dict[int, tuple[dict, bytes]]:
@@ -113,7 +95,7 @@ def _play(srv, press_at: int | None, n: int = 12) -> dict[int, tuple[dict, bytes
             got[fields["index"]] = (fields, pixels.tobytes())
             if press_at is not None and fields["index"] == press_at:
                 ws.send(json.dumps({"type": "action", "action": "LEFT", "seq": 1}))
-    _idle(srv)
+    wait_idle(srv)
     return got
 
 
@@ -146,7 +128,7 @@ def test_pause_stops_frames_and_reset_restarts(srv):
         ws.send(json.dumps({"type": "reset"}))
         recv_json(ws, "session")
         assert _frames(ws, 1)[0][0]["index"] == 0  # a new session
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_config_switches_model_and_steps(srv):
@@ -157,7 +139,7 @@ def test_config_switches_model_and_steps(srv):
         session = recv_json(ws, "session")
         assert (session["model"]["name"], session["steps"]) == ("tiny", 3)
         assert _frames(ws, 2)[0][0]["index"] == 0
-    _idle(srv)
+    wait_idle(srv)
 
 
 BAD_MESSAGES = {
@@ -182,25 +164,25 @@ def test_bad_message_closes_that_session_only(srv, name):
     with _connect(srv) as good, _connect(srv) as bad:
         recv_json(bad, "session")
         bad.send(message)
-        closed_code, error = _closed_with(bad)
+        closed_code, error = closed_with(bad)
         assert closed_code == code
         assert error is not None and error["code"] == "bad_message" and error["message"]
         _frames(good, 2)  # the other player goes on
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_bad_query_is_refused(srv):
     with _connect(srv, steps=7) as ws:
-        assert _closed_with(ws)[0] == CLOSE_POLICY
-    _idle(srv)
+        assert closed_with(ws)[0] == CLOSE_POLICY
+    wait_idle(srv)
 
 
 def test_oversized_message_is_refused(srv):
     with _connect(srv) as ws:
         recv_json(ws, "session")
         ws.send(json.dumps({"type": "action", "action": 1, "seq": 1, "pad": "x" * 5000}))
-        assert _closed_with(ws)[0] == CLOSE_TOO_BIG
-    _idle(srv)
+        assert closed_with(ws)[0] == CLOSE_TOO_BIG
+    wait_idle(srv)
 
 
 def test_message_flood_is_refused():
@@ -213,9 +195,9 @@ def test_message_flood_is_refused():
             with contextlib.suppress(ConnectionClosed):  # the server may close mid-flood
                 for seq in range(40 * limit):
                     ws.send(json.dumps({"type": "action", "action": seq % 4, "seq": seq}))
-            code, error = _closed_with(ws)
+            code, error = closed_with(ws)
             assert code == CLOSE_POLICY and "msg/s" in error["message"]
-        _idle(srv)
+        wait_idle(srv)
 
 
 def test_session_limit(srv):
@@ -224,14 +206,14 @@ def test_session_limit(srv):
         for ws in players:
             recv_json(ws, "session")
         with _connect(srv) as extra:
-            code, error = _closed_with(extra)
+            code, error = closed_with(extra)
             assert code == CLOSE_TRY_LATER and error["code"] == "busy"
         players[0].close()
         wait_until(lambda: srv.play.active < MAX_SESSIONS, what="a free seat")
         with _connect(srv) as late:
             recv_json(late, "session")
             _frames(late, 1)
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_abrupt_disconnect_frees_pages(srv):
@@ -241,10 +223,10 @@ def test_abrupt_disconnect_frees_pages(srv):
         stats = srv.play.models["tiny"].runtime.stats()
         assert stats["streams"] == 1 and stats["pages_used"] > 0
         ws.socket.close()  # no closing handshake: the TCP connection just goes away
-        _idle(srv)
+        wait_idle(srv)
     with _connect(srv) as ws2:  # and the server is still up
         _frames(ws2, 1)
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_cross_origin_websocket_is_refused(srv):
@@ -254,7 +236,7 @@ def test_cross_origin_websocket_is_refused(srv):
         ws_url(srv), origin=f"http://127.0.0.1:{srv.port}", open_timeout=10, close_timeout=5
     ) as ws:
         recv_json(ws, "session")
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_page_static_and_info(srv):
@@ -321,7 +303,7 @@ def test_frame_header_layout(srv):
     fields, pixels = decode_frame(msg)
     assert pixels.tobytes() == msg[20:]
     assert (fields["index"], fields["input_seq"]) == (field["index"], field["seq"])
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_untrained_fallback_is_labelled():

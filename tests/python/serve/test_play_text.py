@@ -15,8 +15,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
 
-from play_helpers import recv_json, responsive_pipeline, wait_until, ws_url
-from websockets.exceptions import ConnectionClosed
+from play_helpers import (
+    closed_with,
+    recv_json,
+    responsive_pipeline,
+    wait_idle,
+    ws_url,
+)
 from websockets.sync.client import connect
 
 import crcm.serve.app
@@ -80,32 +85,6 @@ def _frames(ws, n: int, timeout: float = 20.0) -> list[tuple[dict, object]]:
     return out
 
 
-def _closed_with(ws, timeout: float = 30.0) -> tuple[int | None, dict | None]:
-    """Reads until the server closes: (close code, the error message it sent before)."""
-    error = None
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            msg = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(msg, str) and json.loads(msg)["type"] == "error":
-                error = json.loads(msg)
-    except ConnectionClosed as closed:
-        return closed.rcvd.code if closed.rcvd else None, error
-    raise AssertionError("the server did not close the connection")
-
-
-def _idle(srv) -> None:
-    """Every session is gone and its pages are back in the pool."""
-
-    def idle():
-        stats = [m.runtime.stats() for m in srv.play.models.values()]
-        return srv.play.active == 0 and all(
-            s["streams"] == 0 and s["pages_used"] == 0 for s in stats
-        )
-
-    wait_until(idle, what="sessions to close and pages to return")
-
-
 def _prompt(text, seq: int = 0) -> str:
     return json.dumps({"type": "prompt", "text": text, "seq": seq})
 
@@ -120,7 +99,7 @@ def test_hello_tells_the_page_the_model_kind(srv):
         assert hello["limits"]["max_prompt_chars"] == MAX_PROMPT
         # Room for every prompt of MAX_PROMPT characters, even JSON-escaped.
         assert hello["limits"]["max_message_bytes"] >= 6 * MAX_PROMPT
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_a_prompt_given_at_open_streams_paced_frames(srv):
@@ -140,7 +119,7 @@ def test_a_prompt_given_at_open_streams_paced_frames(srv):
     # Paced at 16 frames/s by the session's frame buffer, however fast the model is.
     assert elapsed >= 0.8 * 16 / 16, f"16 frames in {elapsed:.2f} s: not paced at 16 fps"
     assert frames[1][1].std() > 0  # a video, not a blank canvas
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_the_first_prompt_starts_the_stream_and_later_ones_switch_it(srv):
@@ -178,7 +157,7 @@ def test_the_first_prompt_starts_the_stream_and_later_ones_switch_it(srv):
     for index, fields in got.items():
         assert fields["input_seq"] == (2 if index >= switch_from else 1), index
     assert got[switch_from]["latency_us"] > 0
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_reset_keeps_the_prompt_and_config_switches_kinds(srv):
@@ -205,7 +184,7 @@ def test_reset_keeps_the_prompt_and_config_switches_kinds(srv):
             assert pixels.shape == (16, 16, 1)
             if fields["action"] == 3:
                 break
-    _idle(srv)
+    wait_idle(srv)
 
 
 BAD_PROMPTS = {
@@ -227,11 +206,11 @@ def test_bad_prompts_close_that_session_only(srv, name):
     with _connect(srv, model="wan", prompt="a cat") as good, _connect(srv, model="wan") as bad:
         recv_json(bad, "session")
         bad.send(BAD_PROMPTS[name])
-        code, error = _closed_with(bad)
+        code, error = closed_with(bad)
         assert code == CLOSE_POLICY
         assert error is not None and error["code"] == "bad_message" and error["message"]
         _frames(good, 2)  # the other player goes on
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_a_prompt_of_the_longest_length_is_taken(srv):
@@ -242,8 +221,8 @@ def test_a_prompt_of_the_longest_length_is_taken(srv):
         assert recv_json(ws, "prompt")["text"] == text
         _frames(ws, 1)
         ws.send(json.dumps({"type": "prompt", "text": "a cat", "pad": "x" * 20_000}))
-        assert _closed_with(ws)[0] == CLOSE_TOO_BIG
-    _idle(srv)
+        assert closed_with(ws)[0] == CLOSE_TOO_BIG
+    wait_idle(srv)
 
 
 @pytest.mark.parametrize(
@@ -253,8 +232,8 @@ def test_a_prompt_of_the_longest_length_is_taken(srv):
 )
 def test_bad_prompt_queries_are_refused(srv, query):
     with _connect(srv, **query) as ws:
-        assert _closed_with(ws)[0] == CLOSE_POLICY
-    _idle(srv)
+        assert closed_with(ws)[0] == CLOSE_POLICY
+    wait_idle(srv)
 
 
 def test_a_world_model_refuses_prompts(srv):
@@ -262,10 +241,10 @@ def test_a_world_model_refuses_prompts(srv):
         recv_json(ws, "session")
         _frames(ws, 1)
         ws.send(_prompt("a cat", seq=1))
-        code, error = _closed_with(ws)
+        code, error = closed_with(ws)
     assert code == CLOSE_POLICY and error["code"] == "bad_message"
     assert "world model" in error["message"]
-    _idle(srv)
+    wait_idle(srv)
 
 
 def test_the_page_has_a_prompt_box(srv):
@@ -380,4 +359,4 @@ def test_the_page_prompts_a_text_model(srv):
         wait("document.getElementById('latency').textContent.endsWith('ms')", "the meters")
     finally:
         browser.quit()
-    _idle(srv)
+    wait_idle(srv)

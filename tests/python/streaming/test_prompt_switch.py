@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
 
 import crcm
 from crcm.errors import ConfigError, InvalidStateError
-from crcm.models import DiTConfig
 from crcm.sampling import SamplerConfig
+from crcm.wan.tiny import HashTextEncoder, tiny_text_config
 
 TEXT_LEN, TEXT_DIM = 4, 8
-CFG = DiTConfig(
-    in_channels=4,
-    out_channels=4,
-    dim=24,
-    num_layers=2,
-    num_heads=2,
-    ffn_dim=48,
-    frame_hw=(8, 8),
-    cond="text",
-    text_dim=TEXT_DIM,
-    text_len=TEXT_LEN,
-)
-
-
-class HashTextEncoder:
-    """A stand-in prompt encoder: tokens drawn from a generator seeded by the prompt's hash."""
-
-    dim, text_len = TEXT_DIM, TEXT_LEN
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        self.calls += 1
-        rows = []
-        for p in prompts:
-            seed = int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
-            rows.append(
-                torch.randn(TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
-            )
-        return torch.stack(rows)
+CFG = tiny_text_config(TEXT_DIM, TEXT_LEN)
 
 
 def make_pipe(**sampler) -> crcm.Pipeline:

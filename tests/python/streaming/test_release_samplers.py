@@ -17,21 +17,10 @@ import torch.nn.functional as F
 
 import crcm
 from crcm.codec import PixelCodec
-from crcm.models import DiTConfig
 from crcm.sampling import SamplerConfig, get_preset
+from crcm.wan.tiny import tiny_text_config
 
-CFG = DiTConfig(
-    in_channels=4,
-    out_channels=4,
-    dim=24,
-    num_layers=2,
-    num_heads=2,
-    ffn_dim=48,
-    frame_hw=(4, 4),
-    cond="text",
-    text_dim=8,
-    text_len=4,
-)
+CFG = tiny_text_config().replace(frame_hw=(4, 4))
 
 
 class RecordingCodec(PixelCodec):
