@@ -154,6 +154,25 @@ def bench_streaming(
     first_frame_ms = 1e3 * (time.perf_counter() - t0)
     first.close()
 
+    # Where a tick's time goes: the executor's page layout (the attention backend's prepare)
+    # and decode (its emit) are timed by wrapping them; the forward is the rest of its run.
+    phase = {"scheduler": 0.0, "layout": 0.0, "forward": 0.0, "decode": 0.0, "buffer": 0.0}
+    inner = {"layout": 0.0, "decode": 0.0}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner[name] += time.perf_counter() - t
+
+        return wrapper
+
+    executor = runtime.executor
+    executor._emit = timed("decode", executor._emit)
+    executor.attention.prepare = timed("layout", executor.attention.prepare)
+
     sessions = [open_session(i) for i in range(streams)]
     emitted = {s.id: 0 for s in sessions}
     last_emit: dict[int, float] = {}
@@ -166,6 +185,8 @@ def bench_streaming(
         tick_s_one = time.perf_counter() - t_tick
         if plan is None:
             break
+        inner["layout"] = inner["decode"] = 0.0
+        t_run = time.perf_counter()
         runtime.executor.run(plan)
         t_done = time.perf_counter()
         runtime.scheduler.complete(plan.id)
@@ -181,11 +202,17 @@ def bench_streaming(
                 if sid in last_emit:
                     gaps.extend([(t_done - last_emit[sid]) / n] * n)
             last_emit[sid] = t_done
+        t_read = time.perf_counter()
+        for s in sessions:
+            s.read()
         if t_start is not None:
             tick_s += tick_s_one
             plans += 1
-        for s in sessions:
-            s.read()
+            phase["scheduler"] += tick_s_one
+            phase["layout"] += inner["layout"]
+            phase["decode"] += inner["decode"]
+            phase["forward"] += (t_done - t_run) - inner["layout"] - inner["decode"]
+            phase["buffer"] += time.perf_counter() - t_read
     elapsed = time.perf_counter() - (t_start or time.perf_counter())
     fps = frames_done / elapsed if elapsed > 0 else float("nan")
     runtime.close()
@@ -211,6 +238,10 @@ def bench_streaming(
         "p50_frame_ms": round(1e3 * float(np.percentile(gaps, 50)), 2) if gaps else None,
         "p99_frame_ms": round(1e3 * float(np.percentile(gaps, 99)), 2) if gaps else None,
         "tick_us": round(1e6 * tick_s / max(plans, 1), 2),
+        # Per plan, in µs: the Rust scheduler (tick + complete), the page layout, the batched
+        # forward, the decode, and the frame buffer reads — what the runtime adds beside the
+        # forward itself.
+        "phase_us": {k: round(1e6 * v / max(plans, 1), 1) for k, v in phase.items()},
         "mfu": None if mfu is None else round(mfu, 4),
     }
 
@@ -408,6 +439,14 @@ def format_row(row: dict[str, object]) -> str:
         f"{row['first_frame_ms']} ms  p99 {row['p99_frame_ms']} ms  tick {row['tick_us']} µs"
         + (f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")
         + (f"  {row['speedup']}x plain PyTorch" if "speedup" in row else "")
+        + (
+            "\n"
+            + " " * 14
+            + "per plan (µs): "
+            + ", ".join(f"{k} {v}" for k, v in row["phase_us"].items())
+            if row.get("phase_us")
+            else ""
+        )
     )
 
 

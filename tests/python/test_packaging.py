@@ -149,3 +149,8 @@ def test_cli_bench_writes_rows(tmp_path):
     keys = {"model", "steps", "chunk", "streams", "fps", "first_frame_ms", "p99_frame_ms"}
     assert len(record["rows"]) == 12 and all(keys <= set(row) for row in record["rows"])
     assert all(row["fps"] > 0 and row["first_frame_ms"] > 0 for row in record["rows"])
+    # Where a plan's time goes: every phase measured, the forward the largest part.
+    phases = {"scheduler", "layout", "forward", "decode", "buffer"}
+    for row in record["rows"]:
+        assert set(row["phase_us"]) == phases and min(row["phase_us"].values()) >= 0
+        assert row["phase_us"]["forward"] == max(row["phase_us"].values())
