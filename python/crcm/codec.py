@@ -31,6 +31,7 @@ __all__ = [
     "StreamingCodec",
     "VAECodec",
     "frames_to_unit",
+    "model_frames_for",
     "unit_to_frames",
     "video_frame_span",
 ]
@@ -104,6 +105,15 @@ def video_frame_span(codec: Codec, first: int, count: int) -> tuple[int, int]:
         return 0 if i == 0 else 1 + (i - 1) * td
 
     return start(first), start(first + count) - start(first)
+
+
+def model_frames_for(codec: Codec, display_frames: int) -> int:
+    """The fewest model frames that decode to at least ``display_frames`` display frames (the
+    inverse of :func:`video_frame_span`)."""
+    td = codec.temporal_downsample
+    if getattr(codec, "first_frame_alone", False):
+        return 1 + -(-(display_frames - 1) // td)
+    return -(-display_frames // td)
 
 
 def frames_to_unit(

@@ -250,6 +250,11 @@ class SamplerConfig:
             return self.first_chunk_frames
         return self.chunk_frames
 
+    @property
+    def largest_chunk_frames(self) -> int:
+        """The most frames one chunk has (what a stream's pages and buffers must hold)."""
+        return max(self.chunk_frames_of(0), self.chunk_frames)
+
     def model_time_of(self, step: int) -> float:
         """The time the network is given at denoising step ``step`` of a chunk (``times[step]``
         unless ``model_times`` says otherwise); a cache-update pass is given 0."""

@@ -155,6 +155,7 @@ def write_video(
     """
     import itertools
 
+    from crcm.codec import model_frames_for
     from crcm.runtime import Runtime
     from crcm.sampling import get_preset
 
@@ -211,15 +212,11 @@ def write_video(
     if schedule and cond is not None:
         raise ConfigError("give prompts or a cond, not both")
 
-    context = (
-        sampler.sink_frames
-        + sampler.window_frames
-        + max(sampler.chunk_frames_of(0), sampler.chunk_frames)
-    )
+    context = sampler.sink_frames + sampler.window_frames + sampler.largest_chunk_frames
     guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
     runtime = Runtime(pipeline, max_streams=1, context_frames=context, cfg=guided)
     # Where each later prompt takes over: the model frame that decodes to its first frame.
-    switches = [(runtime._model_frames_for(f + 1) - 1, p) for f, p in schedule[1:]]
+    switches = [(model_frames_for(pipeline.codec, f + 1) - 1, p) for f, p in schedule[1:]]
     target = Path(path)
     tmp = target.with_name(f".{target.name}.part")
     encoder = _Encoder(tmp, out_w, out_h, fps, label=target)

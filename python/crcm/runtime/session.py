@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from crcm import _native
-from crcm.codec import StreamingCodec, video_frame_span
+from crcm.codec import StreamingCodec, model_frames_for, video_frame_span
 from crcm.errors import ConfigError, CrcmError, InvalidStateError
 from crcm.pipeline import Pipeline
 from crcm.runtime.executor import Executor, StreamState
@@ -254,7 +254,7 @@ class Runtime:
             s = pipeline.sampler
             if s.window_frames is None:
                 raise ConfigError("the default sampler has no window; pass context_frames")
-            context_frames = s.sink_frames + s.window_frames + _largest_chunk(s)
+            context_frames = s.sink_frames + s.window_frames + s.largest_chunk_frames
         num_pages = max_streams * context_frames  # one page per frame (padded to the tile)
         if num_pages > MAX_PAGES:
             raise ConfigError(
@@ -351,7 +351,7 @@ class Runtime:
         needs_actions = bool(model.cfg.num_actions) if actions is None else bool(actions)
         if needs_actions and not model.cfg.num_actions:
             raise ConfigError("this model takes no actions (open it with actions=None or False)")
-        if model.cfg.prev_frames and _largest_chunk(sampler) != 1:
+        if model.cfg.prev_frames and sampler.largest_chunk_frames != 1:
             raise ConfigError(
                 "this model conditions on its previous frames and streams one frame per chunk; "
                 f"got chunk_frames={sampler.chunk_frames}"
@@ -359,7 +359,7 @@ class Runtime:
         display_limit = None
         if max_frames is not None:
             display_limit = _int_arg("max_frames", max_frames, 1, 2**63, "2**63")
-            max_frames = self._model_frames_for(display_limit)
+            max_frames = model_frames_for(self.pipeline.codec, display_limit)
         if target_fps is not None:
             ok = not isinstance(target_fps, (bool, np.bool_)) and isinstance(
                 target_fps, numbers.Real
@@ -482,7 +482,7 @@ class Runtime:
             )
         K = frames.shape[0]
         codec = self.pipeline.codec
-        model_frames = self._model_frames_for(K) if K else 0
+        model_frames = model_frames_for(self.pipeline.codec, K) if K else 0
         if K == 0 or video_frame_span(codec, 0, model_frames)[1] != K:
             raise ConfigError(
                 f"context has {K} frames: the codec takes 1 + {codec.temporal_downsample}·n"
@@ -571,17 +571,9 @@ class Runtime:
             )
         return tuple(int(n) for n in schedule)
 
-    def _model_frames_for(self, display_frames: int) -> int:
-        """The fewest model frames that decode to at least ``display_frames`` frames."""
-        codec = self.pipeline.codec
-        td = codec.temporal_downsample
-        if getattr(codec, "first_frame_alone", False):
-            return 1 + -(-(display_frames - 1) // td)
-        return -(-display_frames // td)
-
     def _chunk_display_frames(self, sampler: SamplerConfig) -> int:
         """The most display frames one chunk of ``sampler`` can emit."""
-        return _largest_chunk(sampler) * self.pipeline.codec.temporal_downsample
+        return sampler.largest_chunk_frames * self.pipeline.codec.temporal_downsample
 
     def _encode_prompt(self, prompt: object) -> torch.Tensor:
         encoder = self.pipeline.text_encoder
@@ -835,10 +827,6 @@ def generate(
         if needs_actions:
             session.push_actions(list(actions)[:num_frames])
         yield from itertools.islice(session.frames(), num_frames)
-
-
-def _largest_chunk(sampler: SamplerConfig) -> int:
-    return max(sampler.chunk_frames_of(0), sampler.chunk_frames)
 
 
 def _param_device(model: torch.nn.Module) -> torch.device:
