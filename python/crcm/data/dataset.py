@@ -407,7 +407,9 @@ class AtariClips:
     Every batch is a pure function of ``(seed, step)`` (resuming needs no iterator state).
     Each clip is ``frames`` consecutive frames of one training episode; the reset frame's
     action (-1) becomes the model's null action (``num_actions``). With ``game_cond`` the game
-    id is the per-video class condition (several games in one dataset).
+    id is the per-video class condition (several games in one dataset). With ``history = k``
+    each batch also carries the ``k`` frames before every clip (``Batch.history_B_K_C_H_W``,
+    zeros before the episode's first frame), for models that read their previous frames.
     """
 
     def __init__(
@@ -419,13 +421,16 @@ class AtariClips:
         split: str = "train",
         game_cond: bool = False,
         seed: int = 0,
+        history: int = 0,
     ) -> None:
+        if history < 0:
+            raise ConfigError(f"history must be >= 0 frames, got {history}")
         if tuple(codec.frame_hw) != dataset.frame_hw:
             raise ConfigError(
                 f"the codec takes {codec.frame_hw} frames, the dataset has {dataset.frame_hw}"
             )
         self.dataset, self.codec, self.frames = dataset, codec, frames
-        self.game_cond, self.seed = game_cond, seed
+        self.game_cond, self.seed, self.history = game_cond, seed, history
         eps = [e for e in dataset.episodes_of(split) if dataset.episode_length(e) >= frames]
         if not eps:
             raise DatasetError(f"no {split} episode has {frames} frames")
@@ -438,24 +443,42 @@ class AtariClips:
         # One game (or games sharing a set): the model's actions have names.
         self.action_names: tuple[str, ...] = names.pop() if len(names) == 1 else ()
 
+    def picks(self, step: int, batch_size: int, rows: slice | None = None) -> list[tuple[int, int]]:
+        """``(episode, first frame)`` of the clips ``rows`` of step ``step``'s batch: drawn for
+        the whole batch, uniformly over every valid clip position."""
+        rng = np.random.default_rng([self.seed, step])
+        out = []
+        for pick in rng.integers(0, self._cum[-1], batch_size)[rows or slice(None)]:
+            j = int(np.searchsorted(self._cum, pick, side="right"))
+            out.append((int(self.episodes[j]), int(pick - (self._cum[j - 1] if j else 0))))
+        return out
+
     def batch(self, step: int, batch_size: int, rows: slice | None = None):
-        """Clips ``rows`` (default: all) of step ``step``'s batch of ``batch_size``: the picks
-        are drawn for the whole batch, only the selected clips are read."""
+        """Clips ``rows`` (default: all) of step ``step``'s batch of ``batch_size`` (only the
+        selected clips are read)."""
         import torch
 
         from crcm.data.batch import Batch
 
-        rng = np.random.default_rng([self.seed, step])
-        picks = rng.integers(0, self._cum[-1], batch_size)[rows or slice(None)]
-        video, actions, games = [], [], []
-        for pick in picks:
-            j = int(np.searchsorted(self._cum, pick, side="right"))
-            start = int(pick - (self._cum[j - 1] if j else 0))
-            ep = self.dataset.episode(int(self.episodes[j]))
+        picks = self.picks(step, batch_size, rows)
+        video, actions, games, past = [], [], [], []
+        k = self.history
+        for episode, start in picks:
+            ep = self.dataset.episode(episode)
             video.append(np.asarray(ep["frames"][start : start + self.frames]))
+            past.append(np.array(ep["frames"][max(0, start - k) : start]))
             a = np.asarray(ep["actions"][start : start + self.frames]).astype(np.int64)
             actions.append(np.where(a == NO_ACTION, self.num_actions, a))
-            games.append(self.dataset.game_id(int(self.episodes[j])))
+            games.append(self.dataset.game_id(episode))
         x0 = self.codec.encode(torch.from_numpy(np.stack(video)))
         cond = torch.tensor(games) if self.game_cond else None
-        return Batch(x0, cond, torch.from_numpy(np.stack(actions)))
+        history = None
+        if k:
+            # Model-space zeros where the episode had not begun: a stream's first frames see
+            # the same (``preceding_frames``), not black frames.
+            history = x0.new_zeros(len(picks), k, *x0.shape[2:])
+            for b, frames in enumerate(past):
+                if len(frames):
+                    encoded = self.codec.encode(torch.from_numpy(frames)[None])[0]
+                    history[b, k - len(frames) :] = encoded
+        return Batch(x0, cond, torch.from_numpy(np.stack(actions)), history)

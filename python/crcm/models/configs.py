@@ -200,6 +200,7 @@ CONFIGS: dict[str, DiTConfig] = {
         cond="none",
         num_actions=4,
         prev_frames=2,
+        action_planes=True,
         prediction="x0-change",
     ),
     # Wan2.1-T2V-1.3B shapes (random weights unless loaded): 480×832 video through the Wan VAE

@@ -47,7 +47,14 @@ def make_source(data: DataConfig, codec: Codec, model: DiTConfig) -> DataSource:
     dataset = AtariDataset(data.path)
     if classes and classes < len(dataset.games):
         raise ConfigError(f"{data.path} holds {len(dataset.games)} games; the model has {classes}")
-    clips = AtariClips(dataset, codec, frames=data.frames, game_cond=bool(classes), seed=data.seed)
+    clips = AtariClips(
+        dataset,
+        codec,
+        frames=data.frames,
+        game_cond=bool(classes),
+        seed=data.seed,
+        history=model.prev_frames,
+    )
     if clips.num_actions != model.num_actions:
         raise ConfigError(
             f"{data.path} has {clips.num_actions} actions per game; the model takes "

@@ -282,6 +282,7 @@ def flow_matching_loss(
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 0, the bidirectional base model (full mask):
@@ -309,7 +310,7 @@ def flow_matching_loss(
         s_B_T,
         cond=cond,
         actions_B_T=actions_B_T,
-        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
+        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W, history_B_K_C_H_W),
     )
     se = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square()
     mse_B = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((1, 2, 3, 4))
@@ -331,6 +332,7 @@ def tf_teacher_loss(
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 1, teacher forcing: the causal teacher on the packed ``[x0 | x_s]`` sequence,
@@ -356,7 +358,15 @@ def tf_teacher_loss(
         generator=generator,
     )
     batch = _pack(
-        model, x0_B_T_C_H_W, x_s, s_B, chunk_frames, actions_B_T, context_noise, generator
+        model,
+        x0_B_T_C_H_W,
+        x_s,
+        s_B,
+        chunk_frames,
+        actions_B_T,
+        context_noise,
+        generator,
+        history_B_K_C_H_W,
     )
     se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
@@ -377,6 +387,7 @@ def df_teacher_loss(
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 1, diffusion forcing: the causal teacher on one noisy clip under the block-causal
@@ -410,7 +421,7 @@ def df_teacher_loss(
         cond=cond,
         actions_B_T=actions_B_T,
         attention=block_causal_mask(T, chunk_frames, tpf),
-        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W),
+        prev_B_T_C_H_W=model.previous_frames(x0_B_T_C_H_W, history_B_K_C_H_W),
     )
     se = (v_B_T_C_H_W - (noise - x0_B_T_C_H_W)).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
@@ -442,6 +453,7 @@ def tf_scm_loss(
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """TF-sCM, the RF-native continuous-time consistency loss (design §1.3, the paper's choice).
@@ -489,6 +501,7 @@ def tf_scm_loss(
         actions_B_T,
         context_noise,
         generator,
+        history_B_K_C_H_W,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -523,6 +536,7 @@ def trigflow_scm_loss(
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """TF-sCM in TrigFlow form (rCM's bidirectional parametrisation, σ_d = 1), under teacher
@@ -554,6 +568,7 @@ def trigflow_scm_loss(
         actions_B_T,
         context_noise,
         generator,
+        history_B_K_C_H_W,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -604,6 +619,7 @@ def tf_dcm_loss(
     context_noise: float = 0.0,
     n_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
+    history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """TF-dCM, the discrete-time consistency baseline (Causal Forcing's stage 2).
@@ -633,6 +649,7 @@ def tf_dcm_loss(
         actions_B_T,
         context_noise,
         generator,
+        history_B_K_C_H_W,
     )
     s_col, s_next_col = _expand(s_B, x_s), _expand(s_next_B, x_s)
     with torch.no_grad():
@@ -677,6 +694,7 @@ def _noisy_tf_batch(
     actions_B_T: Tensor | None,
     context_noise: float,
     generator: torch.Generator | None,
+    history_B_K_C_H_W: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, TeacherForcingBatch]:
     """``(s_B, x_s, batch)``: the clip noised to one time per clip, packed behind its context."""
     B, _ = _check_video(x0_B_T_C_H_W)
@@ -687,7 +705,15 @@ def _noisy_tf_batch(
         noise_B_T_C_H_W = _randn_like(x0_B_T_C_H_W, generator)
     x_s = add_noise(x0_B_T_C_H_W, noise_B_T_C_H_W, s_B)
     batch = _pack(
-        model, x0_B_T_C_H_W, x_s, s_B, chunk_frames, actions_B_T, context_noise, generator
+        model,
+        x0_B_T_C_H_W,
+        x_s,
+        s_B,
+        chunk_frames,
+        actions_B_T,
+        context_noise,
+        generator,
+        history_B_K_C_H_W,
     )
     return s_B, x_s, batch
 
@@ -732,8 +758,11 @@ def _pack(
     actions_B_T: Tensor | None,
     context_noise: float,
     generator: torch.Generator | None,
+    history_B_K_C_H_W: Tensor | None = None,
 ) -> TeacherForcingBatch:
-    """The TF batch of a clip with one time per clip, with optional context augmentation."""
+    """The TF batch of a clip with one time per clip, with optional context augmentation;
+    ``history`` (the frames before the clip, for the first frames' previous frames) is noised
+    with the context."""
     B, T = x0_B_T_C_H_W.shape[:2]
     if not 0.0 <= context_noise <= 1.0:
         raise ValueError(f"context_noise must lie in [0, 1], got {context_noise}")
@@ -744,6 +773,11 @@ def _pack(
         s_ctx_B = s_ctx_B.to(x0_B_T_C_H_W.dtype)
         context = add_noise(x0_B_T_C_H_W, _randn_like(x0_B_T_C_H_W, generator), s_ctx_B)
         s_context_B_T = s_ctx_B[:, None].expand(B, T)
+        if history_B_K_C_H_W is not None:
+            # Zeros (no past) stay zeros: noise is added only where a frame exists.
+            exists = history_B_K_C_H_W.flatten(2).abs().amax(2) > 0
+            noisy = add_noise(history_B_K_C_H_W, _randn_like(history_B_K_C_H_W, generator), s_ctx_B)
+            history_B_K_C_H_W = torch.where(exists[..., None, None, None], noisy, history_B_K_C_H_W)
     return pack_teacher_forcing(
         context,
         x_s_B_T_C_H_W,
@@ -754,7 +788,7 @@ def _pack(
         s_context_B_T=s_context_B_T,
         # The previous frames are the context's own frames, noised with it: the model learns
         # to continue from frames that are not quite right, as its own are in a rollout.
-        prev_B_T_C_H_W=model.previous_frames(context),
+        prev_B_T_C_H_W=model.previous_frames(context, history_B_K_C_H_W),
     )
 
 

@@ -77,8 +77,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-    return Batch(cut(batch.x0_B_T_C_H_W), cut(batch.cond), cut(batch.actions_B_T))
+    return batch.map(lambda t: t[start:stop])
 
 
 def micro_batches(
@@ -268,6 +267,9 @@ class _Stage:
         """The student's loss on one micro-batch (for sf-dmd: after its own backward)."""
         cfg, student = self.cfg, self.student
         common = {"cond": batch.cond, "actions_B_T": batch.actions_B_T, "generator": gen}
+        # The frames before the clip, for the previous-frame inputs of its first frames (the
+        # teacher-forcing objectives; self-forced rollouts make their own past).
+        past = {"history_B_K_C_H_W": batch.history_B_K_C_H_W}
         x0 = batch.x0_B_T_C_H_W
         logs: dict[str, Tensor] = {}
         weights = {"bell": obj.bell_weight, "uniform": None, "x0": obj.x0_weight}
@@ -280,7 +282,7 @@ class _Stage:
         }
         if cfg.stage == "base":
             loss, logs = obj.flow_matching_loss(
-                student, x0, shift=cfg.time_shift, **teacher_terms, **common
+                student, x0, shift=cfg.time_shift, **teacher_terms, **common, **past
             )
         elif cfg.stage in ("teacher-tf", "teacher-df"):
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
@@ -293,6 +295,7 @@ class _Stage:
                 **teacher_terms,
                 **extra,
                 **common,
+                **past,
             )
         elif cfg.stage in ("tf-scm", "trigflow-scm", "joint-rcm"):
             fn = obj.trigflow_scm_loss if cfg.stage == "trigflow-scm" else obj.tf_scm_loss
@@ -306,6 +309,7 @@ class _Stage:
                 tangent_warmup_steps=cfg.tangent_warmup_steps,
                 context_noise=cfg.context_noise,
                 **common,
+                **past,
             )
             if cfg.stage == "joint-rcm":
                 # L = L_sCM + λ·L_DMD. The sCM term above: the causal teacher under teacher
@@ -343,6 +347,7 @@ class _Stage:
                 cfg_scale=cfg.guidance,
                 context_noise=cfg.context_noise,
                 **common,
+                **past,
             )
         elif cfg.stage == "sf-dmd":
             loss = sf.sf_dmd_step(

@@ -173,3 +173,57 @@ def test_a_breakout_run_trains_on_the_dataset(small: Path, tmp_path: Path) -> No
         load_config(None, ['data.kind="atari"'], stage="base")
     with pytest.raises(ConfigError, match=r'data\.kind must be "moving-squares" or "atari"'):
         load_config(None, ['data.kind="video"'], stage="base")
+
+
+def test_clips_carry_the_frames_before_them(small: Path) -> None:
+    """``history = k``: each clip comes with the k frames the episode showed just before it
+    (model space), and zeros (a stream's "no past") where the episode had not begun."""
+    import torch
+
+    from crcm.codec import PixelCodec
+
+    ds = AtariDataset(small)
+    codec = PixelCodec((64, 64), 3, 1)
+    clips = AtariClips(ds, codec, frames=3, seed=4, history=2)
+    seen_start = seen_middle = False
+    for step in range(30):
+        batch = clips.batch(step, 8)
+        assert batch.history_B_K_C_H_W.shape == (8, 2, 3, 64, 64)
+        for b, (episode, start) in enumerate(clips.picks(step, 8)):
+            frames = np.asarray(ds.episode(episode)["frames"])
+            for i in range(2):
+                t = start - 2 + i
+                want = (
+                    codec.encode(torch.from_numpy(frames[t : t + 1])[None])[0, 0]
+                    if t >= 0
+                    else torch.zeros(3, 64, 64)
+                )
+                torch.testing.assert_close(batch.history_B_K_C_H_W[b, i], want)
+            seen_start |= start < 2
+            seen_middle |= start >= 2
+    assert seen_start and seen_middle  # both cases were checked
+    assert AtariClips(ds, codec, frames=3).batch(0, 2).history_B_K_C_H_W is None
+    with pytest.raises(ConfigError, match="history"):
+        AtariClips(ds, codec, frames=3, history=-1)
+
+
+def test_the_trainer_hands_the_clips_history_to_the_objective(
+    small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that reads its previous frames trains with the frames before each clip."""
+    from crcm.training import objectives as obj
+    from crcm.training.config import load_config
+    from crcm.training.trainer import train
+
+    seen = []
+    real = obj.tf_teacher_loss
+
+    def spy(*args, history_B_K_C_H_W=None, **kwargs):
+        seen.append(history_B_K_C_H_W)
+        return real(*args, history_B_K_C_H_W=history_B_K_C_H_W, **kwargs)
+
+    monkeypatch.setattr(obj, "tf_teacher_loss", spy)
+    overrides = [f'out="{tmp_path / "run"}"', 'model="breakout"', "steps=1", "batch_size=2"]
+    data = ['data.kind="atari"', f'data.path="{small}"', "data.frames=3"]
+    train(load_config(None, overrides + data, stage="teacher-tf"), progress=False)
+    assert len(seen) == 1 and seen[0].shape == (2, 2, 3, 64, 64)

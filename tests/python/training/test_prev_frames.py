@@ -340,3 +340,32 @@ def test_rollout_from_context_is_the_runtime_session_opened_on_it(world_model, c
     torch.testing.assert_close(x0[:, :K], ctx)
     expected = pipe.codec.decode(x0)[0].numpy()
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_frames_before_the_clip_feed_its_first_frames():
+    """With ``history`` (the frames before the clip) the clip's first frames read them as their
+    previous frames, as a stream's frames read the stream's last frames; context noise noises
+    them with the context, and absent frames (zeros: the episode had not begun) stay zeros."""
+    model = randomized(CausalDiT(WM))
+    gen = torch.Generator().manual_seed(5)
+    B, T = 2, 3
+    x0 = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    x_s = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen)
+    history = torch.randn(B, 2, WM.in_channels, *WM.frame_hw, generator=gen)
+    history[1, 0] = 0  # clip 1 starts one frame into its episode
+    s_B = torch.full((B,), 0.7)
+    clean = obj._pack(model, x0, x_s, s_B, 1, None, 0.0, gen, history)
+    torch.testing.assert_close(clean.prev_B_2T[:, :T], model.previous_frames(x0, history))
+    torch.testing.assert_close(clean.prev_B_2T[:, 0], history.flatten(1, 2))
+    noised = obj._pack(model, x0, x_s, s_B, 1, None, 0.5, gen, history)
+    C = WM.in_channels
+    first_prev = noised.prev_B_2T[:, T]  # the noisy half's first frame
+    assert not torch.equal(first_prev[0, :C], history[0, 0])  # noised like the context
+    assert torch.equal(first_prev[1, :C], torch.zeros_like(history[1, 0]))  # no past stays none
+    # The objectives take it: the first frame's loss changes with what came before the clip.
+    losses = []
+    for past in (None, history):
+        g = torch.Generator().manual_seed(0)
+        value, _ = obj.tf_teacher_loss(model, x0, history_B_K_C_H_W=past, generator=g)
+        losses.append(float(value))
+    assert losses[0] != pytest.approx(losses[1], rel=1e-4)
