@@ -116,7 +116,14 @@ class TrainConfig:
     # x0-predicting model the v-MSE would weigh low noise by 1/s², and a 1-step student starts
     # at s ≈ 1), or "default": bell for teacher-tf, uniform for base and teacher-df.
     time_weight: Literal["default", "bell", "uniform", "x0"] = "default"
+    # Teacher-forced stages (teacher-tf, tf-scm, tf-dcm): the clean context and previous frames
+    # are noised to an RF time U(0, context_noise) per clip (context augmentation).
     context_noise: float = 0.0
+    # teacher-tf: each clip's context is, with this probability, the model's own 1-step
+    # predictions of its frames (each from the true frames before it, no gradient) instead of
+    # the true frames; the targets stay true. It shows the model the frames it will stream
+    # from and trains it to pull the next frame back to the data (scheduled sampling).
+    self_context: float = 0.0
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None

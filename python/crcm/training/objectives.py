@@ -329,6 +329,7 @@ def tf_teacher_loss(
     shift: float = DEFAULT_SHIFT,
     weight: Callable[[Tensor], Tensor] | None = bell_weight,
     context_noise: float = 0.0,
+    self_context: float = 0.0,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
@@ -342,7 +343,10 @@ def tf_teacher_loss(
     one shared ``s ~ UniformShift(shift)`` per clip, ``w = weight`` (the bell weight by default;
     ``None`` = 1). ``context_noise > 0`` is context augmentation: the clean half is noised to an
     RF time ``U(0, context_noise)`` per clip (and told so through its time input), so that the
-    teacher tolerates the imperfect context of its own rollouts.
+    teacher tolerates the imperfect context of its own rollouts. ``self_context > 0`` is
+    scheduled sampling: with that probability a clip's context (and previous frames) is the
+    model's own 1-step prediction of each frame (:func:`own_predictions`), the targets the true
+    frames, so that it learns to continue from what it streams, not only from data.
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -357,9 +361,18 @@ def tf_teacher_loss(
         action_dropout=action_dropout,
         generator=generator,
     )
+    if not 0.0 <= self_context <= 1.0:
+        raise ValueError(f"self_context must lie in [0, 1], got {self_context}")
+    context = x0_B_T_C_H_W
+    if self_context > 0:
+        own = own_predictions(
+            model, x0_B_T_C_H_W, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
+        )
+        pick_B = torch.rand(B, generator=generator, device=device) < self_context
+        context = torch.where(pick_B[:, None, None, None, None], own, x0_B_T_C_H_W)
     batch = _pack(
         model,
-        x0_B_T_C_H_W,
+        context,
         x_s,
         s_B,
         chunk_frames,
@@ -373,6 +386,28 @@ def tf_teacher_loss(
     w_B = torch.ones_like(s_B) if weight is None else weight(s_B)
     loss = (w_B * mse_B_T.sum(1)).mean()
     return loss, {"loss": loss.detach(), "mse": mse_B_T.detach().mean()}
+
+
+@torch.no_grad()
+def own_predictions(
+    model: CausalDiT,
+    x0_B_T_C_H_W: Tensor,
+    chunk_frames: int,
+    cond: Tensor | None,
+    actions_B_T: Tensor | None,
+    history_B_K_C_H_W: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The model's 1-step prediction ``x0̂ = x_1 − v_θ(x_1, 1 | x0_<chunk)`` of every chunk
+    of the clip from pure noise, given the true frames before it (one teacher-forced forward,
+    no gradient): what 1-step streaming would show in place of each frame."""
+    B = x0_B_T_C_H_W.shape[0]
+    noise = _randn_like(x0_B_T_C_H_W, generator)
+    ones_B = torch.ones(B, dtype=x0_B_T_C_H_W.dtype, device=x0_B_T_C_H_W.device)
+    batch = _pack(
+        model, x0_B_T_C_H_W, noise, ones_B, chunk_frames, actions_B_T, 0.0, None, history_B_K_C_H_W
+    )
+    return (noise - batch.velocity(model, cond)).to(x0_B_T_C_H_W.dtype)
 
 
 def df_teacher_loss(

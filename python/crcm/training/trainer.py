@@ -286,7 +286,11 @@ class _Stage:
             )
         elif cfg.stage in ("teacher-tf", "teacher-df"):
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
-            extra = {"context_noise": cfg.context_noise} if cfg.stage == "teacher-tf" else {}
+            extra = (
+                {"context_noise": cfg.context_noise, "self_context": cfg.self_context}
+                if cfg.stage == "teacher-tf"
+                else {}
+            )
             loss, logs = fn(
                 student,
                 x0,

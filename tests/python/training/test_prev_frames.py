@@ -369,3 +369,41 @@ def test_the_frames_before_the_clip_feed_its_first_frames():
         value, _ = obj.tf_teacher_loss(model, x0, history_B_K_C_H_W=past, generator=g)
         losses.append(float(value))
     assert losses[0] != pytest.approx(losses[1], rel=1e-4)
+
+
+def test_own_predictions_are_one_step_frames_from_the_true_past():
+    """``own_predictions`` (scheduled sampling's context) is, for every frame, the 1-step
+    prediction from pure noise given the true frames before it: a plain causal forward."""
+    model = randomized(CausalDiT(WM))
+    B, T = 2, 3
+    x0 = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=torch.Generator().manual_seed(6))
+    actions = torch.randint(0, WM.num_actions, (B, T), generator=torch.Generator().manual_seed(7))
+    own = obj.own_predictions(model, x0, 1, None, actions, None, torch.Generator().manual_seed(8))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(8))
+    for t in range(T):
+        seq = torch.cat([x0[:, :t], noise[:, t : t + 1]], dim=1)
+        s = torch.cat([torch.zeros(B, t), torch.ones(B, 1)], dim=1)
+        v = model(
+            seq,
+            s,
+            actions_B_T=actions[:, : t + 1],
+            attention=block_causal_mask(t + 1, 1, WM.tokens_per_frame),
+            prev_B_T_C_H_W=model.previous_frames(x0[:, : t + 1]),
+        )
+        torch.testing.assert_close(own[:, t], noise[:, t] - v[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_self_context_trains_on_the_models_own_frames():
+    model = randomized(CausalDiT(WM)).train().requires_grad_(True)
+    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=torch.Generator().manual_seed(9))
+    losses = []
+    for p in (0.0, 1.0):
+        value, _ = obj.tf_teacher_loss(
+            model, x0, self_context=p, generator=torch.Generator().manual_seed(0)
+        )
+        losses.append(value)
+    assert losses[0].item() != pytest.approx(losses[1].item(), rel=1e-4)
+    losses[1].backward()  # the own frames are constants; the loss still trains the model
+    assert model.patch_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="self_context"):
+        obj.tf_teacher_loss(model, x0, self_context=1.5)

@@ -35,6 +35,7 @@ class Pin:
     cache_update: bool | None = None  # rollout context: clean pass (True) or noisy (False)
     dmd_weight: float | None = None
     fake_score_updates: int | None = None
+    context_noise: float = 0.0  # context augmentation of a teacher-forced stage
 
 
 def _moving_squares_recipes() -> dict[str, Pin]:
@@ -125,9 +126,13 @@ def _breakout_recipes() -> dict[str, Pin]:
     dmd = dict(guidance=1.0, cache_update=False, fake_score_updates=5)
     return {
         base: Pin("base"),
-        tf: Pin("teacher-tf"),  # from scratch: its input carries the previous frames
+        # From scratch: its input carries the previous frames. Context noise: fed back its own
+        # frames the model must not break down (docs/breakout-model.md).
+        tf: Pin("teacher-tf", context_noise=0.1),
         df: Pin("teacher-df", init=base),
-        f"{b}/causal-rcm/2-tf-scm": Pin("tf-scm", init=tf, teacher=tf, guidance=1.0),
+        f"{b}/causal-rcm/2-tf-scm": Pin(
+            "tf-scm", init=tf, teacher=tf, guidance=1.0, context_noise=0.1
+        ),
         f"{b}/causal-rcm/3-sf-dmd": Pin(
             "sf-dmd", init=f"{b}/causal-rcm/2-tf-scm", teacher=base, schedule="cycled", **dmd
         ),
@@ -203,7 +208,9 @@ def test_shipped_recipe_stage_is_its_baseline(name):
     if pin.dmd_teacher is not None:
         assert _load(pin.dmd_teacher).stage == "base"  # bidirectional, full mask
     if pin.stage in ("base", "teacher-tf", "teacher-df"):
-        assert cfg.teacher is None and cfg.context_noise == 0.0
+        assert cfg.teacher is None
+    if pin.stage in ("base", "teacher-tf", "teacher-df", "tf-scm", "tf-dcm"):
+        assert cfg.context_noise == pin.context_noise, f"{name}: context noise"
 
     # Guidance of each teacher.
     if pin.guidance is not None:
