@@ -22,6 +22,8 @@ train() {  # train STAGE RECIPE THREADS
 crcm collect --game breakout --episodes 150 --eval-episodes 16 --out data/breakout --quiet
 # The teacher is the long pole: both cores. Then two one-thread processes side by side (on 2
 # cores they get more done than one two-thread process at this model size).
+train teacher-tf 1-teacher-tf-motion 2 >> logs/main.log 2>&1
+train teacher-tf 1-teacher-tf-static 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf 2 >> logs/main.log 2>&1
 train tf-scm causal-rcm/2-tf-scm 1 >> logs/main.log 2>&1 &
 a=$!
