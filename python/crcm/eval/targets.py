@@ -168,6 +168,15 @@ def verdict(entry: Mapping[str, Any]) -> str:
     """One line on whether the model follows the keys, for printouts."""
     control = entry.get("control")
     if is_action_blind(control):
+        agree = _get(control or {}, "direction_agree")
+        shuffled = _get(control or {}, "direction_agree_shuffled") or 0.0
+        if agree is not None and agree >= 0.25 and agree - shuffled >= 0.1:
+            # Only the spread at the last scripted step failed: the steps follow the keys (well
+            # above the shuffled control) but the paddle is gone or stuck by the end.
+            return (
+                "the paddle follows LEFT/RIGHT step by step at first, but not to the end of the "
+                "scripted rollouts (no LEFT/RIGHT spread at the last step): counted action-blind"
+            )
         return "the model is action-blind: its paddle does not follow LEFT/RIGHT"
     targets = entry.get("targets") or {}
     keys = ("sensitivity", "direction")

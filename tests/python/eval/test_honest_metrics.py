@@ -227,3 +227,8 @@ def test_action_blind_rule() -> None:
     assert is_action_blind({**good, "direction_agree": 0.2})
     assert is_action_blind({**good, "direction_agree_shuffled": 0.9})
     assert "partly" in verdict({"control": good, "targets": {}})
+    # Steps that follow the keys but no spread at the end: still counted blind, and said so.
+    lost = verdict({"control": {**good, "sensitivity": 0.0}, "targets": {}})
+    assert "step by step at first" in lost and "counted action-blind" in lost
+    blind = {"sensitivity": 0.0, "direction_agree": 0.3, "direction_agree_shuffled": 0.25}
+    assert "is action-blind" in verdict({"control": blind, "targets": {}})
