@@ -185,9 +185,10 @@ CONFIGS: dict[str, DiTConfig] = {
     ),
     # The shipped Breakout world model: 64×64 RGB frames through PixelCodec() (no codec
     # patching); the DiT's 8×8 patches give 64 tokens per frame. Conditioned on the 4 Breakout
-    # actions (NOOP, FIRE, RIGHT, LEFT) only. 4.58 M parameters. Sized for the CPU: one frame's
-    # forward over a KV context of 8 earlier frames takes ≈11 ms (median; 10.5 ms best) on a
-    # 2-core CPU with torch 2.15 — 6 layers took ≈13 ms and 5.4 M parameters.
+    # actions (NOOP, FIRE, RIGHT, LEFT) only, as one-hot input planes and through the time
+    # embedding. 4.76 M parameters (the planes add 0.18 M to the patch embedding). Sized for the
+    # CPU: one frame's forward over a KV context of 8 earlier frames takes ≈11 ms (median; 10.5
+    # ms best) on a 2-core CPU with torch 2.15 — 6 layers took ≈13 ms and 5.4 M parameters.
     "breakout": DiTConfig(
         in_channels=3,
         out_channels=3,
