@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crcm
-from crcm.models import CausalDiT, DiTConfig
+from crcm.models import CausalDiT, get_config
 from crcm.models.dit import CrossKV
 from crcm.sampling import SamplerConfig, get_preset
 from crcm.wan.tiny import HashTextEncoder, tiny_text_config
@@ -65,18 +65,7 @@ def count_cross_kv(model: CausalDiT) -> tuple[list[int], list[int], list]:
 
 
 def test_forward_with_cross_kv_equals_the_plain_forward() -> None:
-    cfg = DiTConfig(
-        in_channels=4,
-        out_channels=4,
-        dim=32,
-        num_layers=3,
-        num_heads=4,
-        ffn_dim=64,
-        frame_hw=(8, 8),
-        cond="text",
-        text_dim=16,
-        text_len=12,
-    )
+    cfg = tiny_text_config(text_dim=16, text_len=12)
     model = CausalDiT(cfg)
     randomise(model)
     gen = torch.Generator().manual_seed(1)
@@ -104,23 +93,12 @@ def test_forward_with_cross_kv_equals_the_plain_forward() -> None:
 
 
 def test_class_models_take_a_cross_kv_too() -> None:
-    cfg = DiTConfig(
-        in_channels=4,
-        out_channels=4,
-        dim=24,
-        num_layers=2,
-        num_heads=2,
-        ffn_dim=48,
-        frame_hw=(8, 8),
-        cond="class",
-        num_classes=5,
-        class_tokens=2,
-    )
+    cfg = get_config("tiny")  # class-conditioned, 2 class tokens
     model = CausalDiT(cfg)
     randomise(model)
     x = torch.randn(2, 1, 4, 8, 8)
     s = torch.full((2, 1), 0.5)
-    cls = torch.tensor([1, 3])
+    cls = torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(model(x, s, cross_kv=model.cross_kv(cls)), model(x, s, cond=cls))
 
