@@ -112,8 +112,15 @@ def bench_streaming(
     frames: int = 64,
     warmup_frames: int = 8,
     seed: int = 0,
+    compile: bool = False,
 ) -> dict[str, object]:
-    """One row: ``streams`` sessions generating ``frames`` frames each after a warm-up."""
+    """One row: ``streams`` sessions generating ``frames`` frames each after a warm-up.
+
+    ``compile``: the runtime's forwards under ``torch.compile``. Before anything is timed,
+    :meth:`Runtime.warm_up` runs the row's batch shapes once; its wall clock is ``warmup_s``,
+    which holds the compilation when compiled. So ``first_frame_ms`` is a new stream's first
+    frame on a running runtime.
+    """
     if context not in ("clean", "noisy"):
         raise ValueError(f"context must be 'clean' or 'noisy', got {context!r}")
     sampler = replace(
@@ -130,6 +137,7 @@ def bench_streaming(
         pipeline,
         max_streams=streams + 1,
         context_frames=sampler.sink_frames + (sampler.window_frames or total) + chunk,
+        compile=compile,
     )
     needs_actions = bool(pipeline.model.cfg.num_actions)
     rng = np.random.default_rng(seed)
@@ -145,6 +153,8 @@ def bench_streaming(
         if needs_actions:
             session.push_actions(rng.integers(0, pipeline.model.cfg.num_actions, total).tolist())
         return session
+
+    warmup_s = runtime.warm_up(streams, sampler)
 
     # First-frame latency of a lone session (its first chunk: `steps` forwards + cache update).
     first = open_session(streams)
@@ -243,6 +253,8 @@ def bench_streaming(
         # forward itself.
         "phase_us": {k: round(1e6 * v / max(plans, 1), 1) for k, v in phase.items()},
         "mfu": None if mfu is None else round(mfu, 4),
+        "compiled": runtime.executor.compiled,
+        "warmup_s": round(warmup_s, 2),
     }
 
 
@@ -338,34 +350,42 @@ def run_suite(
     chunks: Sequence[int] = (1,),
     streams: Sequence[int] = (1, 8),
     contexts: Sequence[str] = ("noisy", "clean"),
+    compiles: Sequence[bool] = (False,),
     frames: int = 64,
     progress: bool = True,
 ) -> list[dict[str, object]]:
+    """Rows of :func:`bench_streaming` over every combination; chunk-1 rows carry the plain
+    PyTorch loop's frames/s (``baseline_fps``, eager, the pipeline's weights and dtype) and
+    crcm's ratio to it (``speedup``)."""
     rows = []
     baselines: dict[tuple[int, str], float] = {}
-    for chunk in chunks:
-        for n_streams in streams:
-            for context in contexts:
-                for n_steps in steps:
-                    row = bench_streaming(
-                        pipeline,
-                        steps=n_steps,
-                        chunk=chunk,
-                        streams=n_streams,
-                        context=context,
-                        frames=frames,
-                    )
-                    if chunk == 1:
-                        key = (n_steps, context)
-                        if key not in baselines:
-                            baselines[key] = plain_pytorch_fps(
-                                pipeline, steps=n_steps, context=context, frames=frames
-                            )
-                        row["baseline_fps"] = round(baselines[key], 2)
-                        row["speedup"] = round(float(row["fps"]) / baselines[key], 2)
-                    rows.append(row)
-                    if progress:
-                        print(format_row(row), flush=True)
+    dtype = str(next(pipeline.model.parameters()).dtype).removeprefix("torch.")
+    for compile in compiles:
+        for chunk in chunks:
+            for n_streams in streams:
+                for context in contexts:
+                    for n_steps in steps:
+                        row = bench_streaming(
+                            pipeline,
+                            steps=n_steps,
+                            chunk=chunk,
+                            streams=n_streams,
+                            context=context,
+                            frames=frames,
+                            compile=compile,
+                        )
+                        row["dtype"] = dtype
+                        if chunk == 1:
+                            key = (n_steps, context)
+                            if key not in baselines:
+                                baselines[key] = plain_pytorch_fps(
+                                    pipeline, steps=n_steps, context=context, frames=frames
+                                )
+                            row["baseline_fps"] = round(baselines[key], 2)
+                            row["speedup"] = round(float(row["fps"]) / baselines[key], 2)
+                        rows.append(row)
+                        if progress:
+                            print(format_row(row), flush=True)
     return rows
 
 
@@ -435,7 +455,8 @@ def format_row(row: dict[str, object]) -> str:
         return _format_wan_row(row)
     return (
         f"{row['model']:>12} steps={row['steps']} chunk={row['chunk']} {row['context']:>5} "
-        f"streams={row['streams']:>2}  {row['fps']:>8} frames/s  first frame "
+        f"streams={row['streams']:>2} {'compiled' if row.get('compiled') else 'eager':>8} "
+        f"{row.get('dtype', '')}  {row['fps']:>8} frames/s  first frame "
         f"{row['first_frame_ms']} ms  p99 {row['p99_frame_ms']} ms  tick {row['tick_us']} µs"
         + (f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")
         + (f"  {row['speedup']}x plain PyTorch" if "speedup" in row else "")

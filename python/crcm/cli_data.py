@@ -75,11 +75,18 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from crcm.eval.harness import CopyLastFrame, EvalConfig, evaluate, load_model
     from crcm.eval.targets import describe
 
     model = load_model(
-        args.model, steps=args.steps, sampler=args.sampler, shift=args.shift, name=args.name
+        args.model,
+        steps=args.steps,
+        sampler=args.sampler,
+        shift=args.shift,
+        name=args.name,
+        dtype=getattr(torch, args.dtype),
     )
     frame_hw = args.size
     if frame_hw is None:
@@ -198,6 +205,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="Euler grid shift of --sampler teacher (5)",
     )
     p.add_argument("--name", help="the model's label in the report (the pipeline's name)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision the model runs in (float32)",
+    )
     p.add_argument(
         "--long-rollout", type=int, default=1000, help="frames of the drift rollout (1000; 0: none)"
     )

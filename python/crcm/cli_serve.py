@@ -78,25 +78,34 @@ def _cmd_play(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         allowed_hosts=tuple(args.allow_host or ()),
+        compile=args.compile,
     )
     wan_options = {
         "checkpoint": args.checkpoint,
         "checkpoint_key": args.checkpoint_key,
         "frame_hw": None if args.height is None else (args.height, args.width),
     }
-    if args.device is not None and args.device.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: no CUDA device is available")
+    from crcm.pipeline import fast_dtype
+
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available")
+    device = args.device or "cpu"
+    dtype = fast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
 
     def load(name: str):
         # The Wan options go to the Wan folders (to every model when there is none, so that
         # crcm.load names the mistake); --device to every model loaded from a folder.
         options = wan_options if name in wan or not wan else {}
-        return resolve_model(name, **options, device=args.device)
+        return resolve_model(name, **options, device=args.device, dtype=dtype)
 
     server = PlayServer([load(name) for name in names], config)
+    if args.compile:
+        print("crcm play: compiling the models for this machine (seconds)...", flush=True)
+        for name, seconds in server.warm_up().items():
+            state = "compiled" if server.models[name].runtime.executor.compiled else "uncompiled"
+            print(f"  {name}: ready in {seconds:.1f} s ({state}, {str(dtype)[6:]})", flush=True)
     sock = bind_socket(args.host, args.port)  # fails here, with one line, if the port is taken
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -165,6 +174,20 @@ def add_play_parser(subparsers) -> argparse.ArgumentParser:
     play.add_argument("--width", type=_positive, help="Wan folders: frame width (832)")
     play.add_argument(
         "--device", help="where models loaded from folders run, e.g. cuda (default: cpu)"
+    )
+    play.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="precision of the models (auto: bfloat16 on CUDA and on CPUs with bfloat16 "
+        "instructions, else float32)",
+    )
+    play.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run the models uncompiled (default: torch.compile at start, seconds; about "
+        "1.4x the frames/s of the shipped model on a 2-core CPU)",
     )
     play.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     play.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (8000)")

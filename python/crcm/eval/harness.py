@@ -159,20 +159,23 @@ def load_model(
     sampler: str | None = None,
     shift: float = DEFAULT_SHIFT,
     name: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> WorldModel:
     """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``).
 
     ``sampler`` names a preset (``consistency``, ``teacher``: Euler with CFG 3) that replaces
     the pipeline's sampler, keeping its chunk size and KV retention (sink + window, what the
     model was trained to see); ``steps`` sets the steps per chunk; ``shift`` warps the teacher's
-    Euler grid (match its training ``time_shift``); ``name`` labels the report.
+    Euler grid (match its training ``time_shift``); ``name`` labels the report; ``dtype`` the
+    precision the model runs in (``torch.bfloat16``: what ``crcm play`` runs on CPUs that have
+    bfloat16 matrix instructions).
     """
     if name_or_path == CopyLastFrame.name:
         return CopyLastFrame()
     from crcm.pipeline import load
     from crcm.sampling import get_preset
 
-    pipe = load(name_or_path)
+    pipe = load(name_or_path, dtype=dtype)
     smp = None
     if sampler is not None:
         base = pipe.sampler

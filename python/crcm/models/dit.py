@@ -507,6 +507,7 @@ class CausalDiT(nn.Module):
         attention: Attention = None,
         prev_B_T_C_H_W: Tensor | None = None,
         cross_kv: CrossKV | None = None,
+        check_values: bool = True,
     ) -> Tensor:
         """Predict the RF velocity ``v = ε − x0`` for every frame.
 
@@ -527,6 +528,10 @@ class CausalDiT(nn.Module):
             cross_kv: the condition's precomputed cross-attention K/V (:meth:`cross_kv`, ``B``
                 rows), instead of ``cond`` (which must then be None): the same result without
                 recomputing them (a stream's condition is the same at every forward).
+            check_values: whether to check the values of ``s``, ``frame_pos`` and ``actions``
+                (ranges). Each check reads a tensor back to the host — a device sync, and a
+                graph break under ``torch.compile`` — so callers whose inputs are valid by
+                construction (the runtime's executor) pass False. Shapes are always checked.
         Returns:
             ``v_B_T_C_H_W`` with ``out_channels`` channels, in ``x``'s dtype.
         With ``pt > 1``, ``s``, ``actions`` and ``frame_pos`` are read once per group of ``pt``
@@ -535,16 +540,16 @@ class CausalDiT(nn.Module):
         cfg = self.cfg
         B, T, _, H, W = self._check_x(x_B_T_C_H_W)
         pt, ph, pw = cfg.patch
-        s_B_T = self._per_model_frame("s_B_T", self._check_s(s_B_T, B, T))
+        s_B_T = self._per_model_frame("s_B_T", self._check_s(s_B_T, B, T, check_values))
         if frame_pos_B_T is None:
             frame_pos_B_T = torch.arange(T, device=x_B_T_C_H_W.device).expand(B, T)
-        frame_pos_B_T = self._check_frame_pos(frame_pos_B_T, B, T)[:, ::pt] // pt
+        frame_pos_B_T = self._check_frame_pos(frame_pos_B_T, B, T, check_values)[:, ::pt] // pt
         if actions_B_T is not None:
             actions_B_T = self._per_model_frame(
-                "actions_B_T", self._check_actions(actions_B_T, B, T)
+                "actions_B_T", self._check_actions(actions_B_T, B, T, check_values)
             )
         if cross_kv is None:
-            context_B_Lc_D = self._embed_cond(cond, B, x_B_T_C_H_W.device)
+            context_B_Lc_D = self._embed_cond(cond, B, x_B_T_C_H_W.device, check_values)
             layer_kv: Sequence[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
         else:
             self._check_cross_kv(cross_kv, cond, B)
@@ -632,7 +637,9 @@ class CausalDiT(nn.Module):
             e0_B_T_6D = _wide(self.time_projection(e_B_T_D.to(weight.dtype)))
         return e_B_T_D, e0_B_T_6D.unflatten(-1, (6, self.cfg.dim))
 
-    def _embed_cond(self, cond: Tensor | None, B: int, device: torch.device) -> Tensor | None:
+    def _embed_cond(
+        self, cond: Tensor | None, B: int, device: torch.device, check_values: bool = True
+    ) -> Tensor | None:
         """Condition tokens ``[B, Lc, D]`` for cross-attention (None when ``cond='none'``)."""
         if self.cfg.cond == "none":
             if cond is not None:
@@ -640,7 +647,7 @@ class CausalDiT(nn.Module):
             return None
         if cond is None:
             cond = self._null_cond(B, device)
-        elif self._check_cond(cond) != B:
+        elif self._check_cond(cond, check_values) != B:
             raise ValueError(f"cond has batch {cond.shape[0]}, x has batch {B}")
         if self.cfg.cond == "class":
             return self.class_embedding(cond).unflatten(-1, (self.cfg.class_tokens, self.cfg.dim))
@@ -684,24 +691,24 @@ class CausalDiT(nn.Module):
         return prev
 
     @staticmethod
-    def _check_s(s: Tensor, B: int, T: int) -> Tensor:
+    def _check_s(s: Tensor, B: int, T: int, values: bool) -> Tensor:
         if not isinstance(s, Tensor) or not s.is_floating_point() or s.shape != (B, T):
             raise ValueError(f"s_B_T must be a floating [{B}, {T}] tensor, got {_describe(s)}")
-        if not bool(((s >= 0) & (s <= 1)).all()):  # also rejects NaN
+        if values and not bool(((s >= 0) & (s <= 1)).all()):  # also rejects NaN
             raise ValueError("s_B_T (RF time) must lie in [0, 1]")
         return s
 
     @staticmethod
-    def _check_frame_pos(pos: Tensor, B: int, T: int) -> Tensor:
+    def _check_frame_pos(pos: Tensor, B: int, T: int, values: bool) -> Tensor:
         if not isinstance(pos, Tensor) or _is_float_or_bool(pos) or pos.shape != (B, T):
             raise ValueError(
                 f"frame_pos_B_T must be an integer [{B}, {T}] tensor, got {_describe(pos)}"
             )
-        if bool((pos < 0).any()):
+        if values and bool((pos < 0).any()):
             raise ValueError("frame_pos_B_T must be non-negative")
         return pos
 
-    def _check_actions(self, actions: Tensor, B: int, T: int) -> Tensor:
+    def _check_actions(self, actions: Tensor, B: int, T: int, values: bool) -> Tensor:
         n = self.cfg.num_actions
         if n == 0:
             raise ValueError("this model has no action conditioning (num_actions=0)")
@@ -709,7 +716,7 @@ class CausalDiT(nn.Module):
             raise ValueError(
                 f"actions_B_T must be an integer [{B}, {T}] tensor, got {_describe(actions)}"
             )
-        if bool(((actions < 0) | (actions > n)).any()):
+        if values and bool(((actions < 0) | (actions > n)).any()):
             raise ValueError(f"actions must lie in [0, {n}] ({n} = null action)")
         return actions.long()
 
@@ -728,13 +735,14 @@ class CausalDiT(nn.Module):
         if cross_kv.batch != B:
             raise ValueError(f"cross_kv has batch {cross_kv.batch}, x has batch {B}")
 
-    def _check_cond(self, cond: Tensor) -> int:
-        """Validate a non-null condition; returns its batch size."""
+    def _check_cond(self, cond: Tensor, values: bool = True) -> int:
+        """Validate a non-null condition (its ids' range too if ``values``); returns its batch
+        size."""
         cfg = self.cfg
         if cfg.cond == "class":
             if not isinstance(cond, Tensor) or _is_float_or_bool(cond) or cond.ndim != 1:
                 raise ValueError(f"class cond must be integer ids [B], got {_describe(cond)}")
-            if bool(((cond < 0) | (cond > cfg.num_classes)).any()):
+            if values and bool(((cond < 0) | (cond > cfg.num_classes)).any()):
                 raise ValueError(f"class ids must lie in [0, {cfg.num_classes}] (last = null)")
             return cond.shape[0]
         expected = (cfg.text_len, cfg.text_dim)

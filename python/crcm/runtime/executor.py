@@ -43,6 +43,8 @@ order, so the cache equals one built from scratch with the new condition over th
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,6 +123,7 @@ class Executor:
         latent_chw: tuple[int, int, int],
         attention_backend: str = "auto",
         page_table: PageTable | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -128,11 +131,20 @@ class Executor:
         self.page_table = page_table
         self.latent_chw = latent_chw
         self.attention = select_backend(attention_backend, cache)
+        self._plan_attention = PlanAttention(cache, self.attention)
+        # The batched forward, eager or compiled (see ``compile`` in the module docs).
+        self.compiled = compile
+        self._forward = compile_forward(model) if compile else model
         self.streams: dict[int, StreamState] = {}
         self._device = cache.k.device
         # Reuse each stream's condition K/V across forwards (text models); False recomputes
         # them at every forward from the condition tokens (the model's plain path).
         self.cache_cross_kv = model.cfg.cond == "text"
+
+    def use_eager(self) -> None:
+        """Runs the forwards uncompiled from now on (a failed compilation's way out)."""
+        self.compiled = False
+        self._forward = self.model
 
     def add_stream(self, stream_id: int, state: StreamState) -> None:
         if state.guided and self.cache.planes < 2:
@@ -193,7 +205,9 @@ class Executor:
 
         attn_fn = self._attention(plan, items[rows], planes, T)
         self._remember_writes(plan, items, states, x_R, s_item, actions_R_T, prev_R)
-        v_R = self.model(
+        # The inputs are valid by construction (the scheduler's times and positions, actions
+        # checked when pushed): no value checks, so no device→host sync inside the forward.
+        v_R = self._forward(
             x_R,
             s_R_T,
             frame_pos_B_T=pos_R_T,
@@ -202,6 +216,7 @@ class Executor:
             attention=attn_fn,
             prev_B_T_C_H_W=prev_R,
             cross_kv=kv_R,
+            check_values=False,
         )
 
         finished: list[tuple[StreamState, torch.Tensor, int]] = []
@@ -416,7 +431,7 @@ class Executor:
 
     def _attention(
         self, plan: _native.Plan, row_items: np.ndarray, planes: list[int], T: int
-    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    ) -> PlanAttention:
         """The model's ``attn_fn`` for these rows: write K/V where due, attend over pages."""
         dev = self._device
         cache = self.cache
@@ -439,12 +454,75 @@ class Executor:
             )
             for i, p in zip(row_items, planes, strict=True)
         ]
-        backend = self.attention
-        ctx = backend.prepare(rows, L)
+        self._plan_attention.point_at(writes, self.attention.prepare(rows, L))
+        return self._plan_attention
 
-        def attn_fn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            for p, r, slots in writes:
-                cache.write(p, layer, slots, k[r], v[r])
-            return backend.attend(layer, q, k, v, ctx)
 
-        return attn_fn
+class PlanAttention:
+    """The ``attn_fn`` the executor hands the model: per layer, it writes the K/V of the rows
+    whose item stores them, then attends each row over its pages (the attention backend).
+
+    One object for the executor's lifetime, pointed at each forward's rows (:meth:`point_at`).
+    Under a compiled forward it is one opaque operator (``crcm::plan_attention``), so the
+    whole forward is one graph — no graph break per layer, no recompilation per layer — while
+    the page gathers and cache writes, whose shapes change from plan to plan with the context
+    length, run eagerly inside it. (Like vLLM's attention operator, it writes the KV cache
+    that it does not declare: nothing else in the graph reads the cache, so no reordering
+    can observe it.)
+    """
+
+    def __init__(self, cache: PagedKVCache, backend) -> None:
+        self.cache = cache
+        self.backend = backend
+        self._writes: list[tuple[int, int, torch.Tensor]] = []
+        self._ctx: object = None
+        self.key = next(_plan_attention_keys)
+        _PLAN_ATTENTION[self.key] = self
+
+    def point_at(self, writes: list[tuple[int, int, torch.Tensor]], ctx: object) -> None:
+        """``writes``: (plane, row, flat token slots) per writing row; ``ctx``: the backend's
+        prepared page tables of the rows."""
+        self._writes, self._ctx = writes, ctx
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.crcm.plan_attention(q, k, v, layer, self.key)
+        return self.attend(layer, q, k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for p, r, slots in self._writes:
+            self.cache.write(p, layer, slots, k[r], v[r])
+        return self.backend.attend(layer, q, k, v, self._ctx)
+
+
+_PLAN_ATTENTION: weakref.WeakValueDictionary[int, PlanAttention] = weakref.WeakValueDictionary()
+_plan_attention_keys = itertools.count()
+
+
+@torch.library.custom_op("crcm::plan_attention", mutates_args=())
+def _plan_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int
+) -> torch.Tensor:
+    return _PLAN_ATTENTION[key].attend(layer, q, k, v)
+
+
+@_plan_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def compile_forward(model: CausalDiT) -> Callable[..., torch.Tensor]:
+    """``model``'s forward under ``torch.compile`` (Inductor), for the executor's batched forwards.
+
+    Everything but the paged attention (one opaque operator, :class:`PlanAttention`) is
+    compiled — patch and time embeddings, norms, modulation, RoPE, the projections and the FFN
+    — into one graph, which fuses the small elementwise work around each matmul. The weights
+    are frozen into the compiled code (Inductor ``freezing``: constant-folded and, on CPU,
+    pre-packed for oneDNN), so the model must not change after the runtime is made. The first
+    forward of each batch shape compiles (seconds, cached on disk by Inductor for later
+    processes); the batch size becomes a dynamic dimension at its second distinct value, so
+    more streams do not compile again (:meth:`Runtime.warm_up` does both before serving).
+    """
+    return torch.compile(model, options={"freezing": True})

@@ -23,6 +23,8 @@ import logging
 import math
 import numbers
 import threading
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -225,6 +227,9 @@ class Runtime:
         cfg: allocate the unconditional KV plane for guided (teacher) sampling.
         attention_backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``,
             ``"triton"``.
+        compile: run the batched forwards through ``torch.compile``
+            (:func:`crcm.runtime.executor.compile_forward`): faster per frame, at the cost of
+            seconds of compilation at the first forwards; the model must not change afterwards.
     """
 
     def __init__(
@@ -237,6 +242,7 @@ class Runtime:
         device: torch.device | str | None = None,
         attention_backend: str = "auto",
         max_batch_tokens: int | None = None,
+        compile: bool = False,
     ) -> None:
         max_streams = _int_arg("max_streams", max_streams, 1, MAX_PAGES + 1)
         if context_frames is not None:
@@ -288,6 +294,7 @@ class Runtime:
             (c, h, w),
             attention_backend,
             page_table=self.scheduler.page_table,
+            compile=compile,
         )
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
@@ -730,6 +737,49 @@ class Runtime:
                 raise
             self.scheduler.complete(plan.id)
             return len(plan)
+
+    def warm_up(self, streams: int = 2, sampler: SamplerConfig | str | None = None) -> float:
+        """Runs throw-away streams so that the first real one does not wait: one stream alone,
+        then ``streams`` together (their first two chunks each), with ``sampler`` (default: the
+        pipeline's). With ``compile=True`` this is when the forwards compile, for one stream
+        and for a batch of several (a dynamic batch dimension, so any number of streams after
+        it). If compiling fails (Inductor needs a C++ compiler on CPU), the runtime warns and
+        goes on uncompiled. Call it before serving, with no session open; returns the seconds
+        it took.
+        """
+        if self.sessions:
+            raise InvalidStateError("warm_up() runs before any session is opened")
+        t0 = time.perf_counter()
+        try:
+            self._warm_up(streams, sampler)
+        except Exception as err:
+            if not self.executor.compiled:
+                raise
+            warnings.warn(
+                f"compiling the model failed ({type(err).__name__}: {err}); running it uncompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.executor.use_eager()
+            for session in list(self.sessions.values()):
+                session.close()
+            self._warm_up(streams, sampler)
+        return time.perf_counter() - t0
+
+    def _warm_up(self, streams: int, sampler: SamplerConfig | str | None) -> None:
+        takes_actions = bool(self.pipeline.model.cfg.num_actions)
+        for n in sorted({1, streams}):
+            opened = []
+            for i in range(n):
+                session = self.open(sampler=sampler, seed=i, backpressure="drop_oldest")
+                if takes_actions:
+                    session.push_actions([0] * 2 * session.sampler.largest_chunk_frames)
+                opened.append(session)
+            want = 2 * opened[0].sampler.largest_chunk_frames
+            while min(int(s.stats()["frames_emitted"]) for s in opened) < want and self.step():
+                pass
+            for session in opened:
+                session.close()
 
     def run_until_idle(self, max_plans: int | None = None) -> int:
         """Steps until no stream is ready; returns the number of frames emitted."""

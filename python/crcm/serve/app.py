@@ -119,6 +119,9 @@ class ServeConfig:
     # such a model accepts messages up to 6 bytes per prompt character (JSON's \uXXXX
     # escapes) + 256, whatever max_message_bytes says (PlayServer.max_message_bytes).
     max_prompt_chars: int = 2000
+    # Run the models' forwards through torch.compile (Runtime(compile=True)); call
+    # PlayServer.warm_up() before serving so that no player waits for the compilation.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def integer(name: str, low: int, high: int) -> None:
@@ -234,6 +237,8 @@ def resolve_model(name_or_path: str, **load_options: object) -> ModelEntry:
         pipe = Pipeline.from_config(
             name_or_path, action_names=UNTRAINED_CONFIGS[name_or_path], name=name_or_path
         )
+        if load_options.get("dtype") is not None:
+            pipe.model.to(load_options["dtype"])
         return ModelEntry(name_or_path, pipe, untrained=True)
     pipe = load(name_or_path, **{k: v for k, v in load_options.items() if v is not None})
     name = Path(name_or_path).name if is_folder else name_or_path
@@ -270,6 +275,7 @@ class PlayServer:
                     max_streams=self.config.max_sessions,
                     # A text model's guided (teacher) sampler needs the unconditional plane.
                     cfg=guided and entry.takes_prompt,
+                    compile=self.config.compile,
                 )
             self.models[entry.name] = entry
         self.default_model = next(iter(self.models))
@@ -295,6 +301,17 @@ class PlayServer:
             return self.config.steps
         own = entry.pipeline.sampler.steps_per_chunk[0]
         return max(1, min(own, entry.max_steps, self.config.max_steps))
+
+    def warm_up(self) -> dict[str, float]:
+        """Warms every world model's runtime up (:meth:`Runtime.warm_up`: its compilation, when
+        compiled) with the server's default steps; seconds per model. Before :meth:`start`."""
+        took = {}
+        for name, entry in self.models.items():
+            if entry.takes_prompt:
+                continue  # a text model's first forward also encodes a prompt: left to play
+            sampler = entry.pipeline.sampler.with_steps(self.default_steps(name))
+            took[name] = entry.runtime.warm_up(min(2, self.config.max_sessions), sampler)
+        return took
 
     def start(self) -> None:
         n = self.config.max_sessions

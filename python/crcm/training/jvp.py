@@ -86,7 +86,7 @@ def model_jvp(
     cfg = model.cfg
     B, T, _, H, W = model._check_x(x_B_T_C_H_W)
     _check_tangent("t_x_B_T_C_H_W", t_x_B_T_C_H_W, x_B_T_C_H_W)
-    model._check_s(s_B_T, B, T)
+    model._check_s(s_B_T, B, T, values=True)
     _check_tangent("t_s_B_T", t_s_B_T, s_B_T)
     pt = cfg.patch[0]
     if isinstance(static_frames, bool) or not isinstance(static_frames, int):
@@ -106,9 +106,11 @@ def model_jvp(
     device = x_B_T_C_H_W.device
     if frame_pos_B_T is None:
         frame_pos_B_T = torch.arange(T, device=device).expand(B, T)
-    frame_pos_B_T = model._check_frame_pos(frame_pos_B_T, B, T)[:, ::pt] // pt
+    frame_pos_B_T = model._check_frame_pos(frame_pos_B_T, B, T, values=True)[:, ::pt] // pt
     if actions_B_T is not None:
-        actions_B_T = model._per_model_frame("actions_B_T", model._check_actions(actions_B_T, B, T))
+        actions_B_T = model._per_model_frame(
+            "actions_B_T", model._check_actions(actions_B_T, B, T, values=True)
+        )
     context_B_Lc_D = model._embed_cond(cond, B, device)
 
     # Patch embedding (a convolution: its JVP is the convolution of the tangent, without bias).
