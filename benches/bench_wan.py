@@ -42,7 +42,9 @@ denoising step's K/V are kept). Row fields:
   another (one stream at a time, as that code serves them), i.e. its 1-stream fps;
 - ``latent_max_abs_diff``: crcm's latents against the research loop's (1-stream rows, same
   seed): 0 in fp32 on a CPU; in bf16 the two attention kernels round differently;
-- ``graphs`` / ``compiled``: CUDA graphs / torch.compile (false for now).
+- ``graphs`` / ``compiled``: CUDA graphs (not yet) / crcm's forwards under ``torch.compile``
+  (``Runtime(compile=True)``: one graph per forward, the paged attention an opaque operator;
+  its compilation is in the untimed warm-up). The research loop is always eager.
 
 Timing: warm-up runs are not timed (a full-length one the first time a chunk size, stream count
 and codec come up — Triton compiles a kernel variant per context split — and a 2-chunk one
@@ -102,7 +104,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,7 @@ class RowSpec:
     context: str  # "clean" | "noisy"
     streams: int
     vae: bool
+    compiled: bool = False  # crcm's forwards under torch.compile (Runtime(compile=True))
 
     @property
     def sampler_name(self) -> str:
@@ -228,7 +231,7 @@ class RowSpec:
         return (
             f"c{self.chunk}-{self.chunk} {self.steps}-step {self.context:>5} "
             f"{self.streams:>2} stream{'s' if self.streams > 1 else ' '} "
-            f"{'e2e' if self.vae else 'dit'}"
+            f"{'e2e' if self.vae else 'dit'}{' compiled' if self.compiled else ''}"
         )
 
 
@@ -412,7 +415,13 @@ def run_crcm(
     codec = pipe.codec
     total = display_frames(codec, frames)
     dev = setup.device
-    runtime = Runtime(pipe, max_streams=spec.streams, context_frames=frames, device=dev)
+    runtime = Runtime(
+        pipe,
+        max_streams=spec.streams,
+        context_frames=frames,
+        device=dev,
+        compile=spec.compiled,
+    )
     latents: list[torch.Tensor] | None = [] if record and spec.streams == 1 else None
     try:
         _sync(dev)
@@ -648,11 +657,14 @@ def plan_rows(
     contexts: Sequence[str] = ("clean", "noisy"),
     streams: Sequence[int] = (1, 8, 4, 16),
     vae: Sequence[bool] = (True, False),
+    compiles: Sequence[bool] = (False, True),
 ) -> list[RowSpec]:
-    """Every combination, :data:`PRIORITY` rows first, then end to end before DiT only, then
-    by stream count, chunk, steps and context in the order given."""
+    """Every combination, :data:`PRIORITY` rows first (each eager, then compiled: the change
+    measured beside its baseline), then end to end before DiT only, then by stream count,
+    chunk, steps and context in the order given, eager before compiled."""
     grid = [
-        RowSpec(c, n, ctx, s, v)
+        RowSpec(c, n, ctx, s, v, comp)
+        for comp in compiles
         for v in vae
         for s in streams
         for c in chunks
@@ -660,7 +672,8 @@ def plan_rows(
         for ctx in contexts
     ]
     wanted = set(grid)
-    first = [r for r in PRIORITY if r in wanted]
+    first = [replace(r, compiled=comp) for r in PRIORITY for comp in compiles]
+    first = [r for r in first if r in wanted]
     return first + [r for r in grid if r not in first]
 
 
@@ -702,7 +715,7 @@ def make_row(
         "baseline_fps": None,
         "speedup": None,
         "graphs": False,
-        "compiled": False,
+        "compiled": spec.compiled,
         "baseline": None,
         "latent_frames_per_stream": frames,
         "video_frames_per_stream": crcm.frames // spec.streams,
@@ -900,7 +913,7 @@ def _run_benchmark(
         if spec.vae in row_cost:  # scaled from the last row of the same kind
             sec, s0, n0 = row_cost[spec.vae]
             estimate = sec * (spec.streams + 1) / (s0 + 1) * (spec.steps + 1) / (n0 + 1)
-            if (spec.chunk, spec.streams, spec.vae) not in warmed:
+            if (spec.chunk, spec.streams, spec.vae, spec.compiled) not in warmed:
                 estimate *= 2  # a full-length warm-up first
             if elapsed + estimate > budget:
                 left = budget - elapsed
@@ -918,7 +931,7 @@ def _run_benchmark(
         t_row = time.perf_counter()
         error = None
         try:
-            key = (spec.chunk, spec.streams, spec.vae)
+            key = (spec.chunk, spec.streams, spec.vae, spec.compiled)
             full_warmup = key not in warmed
             warm_frames = frames if full_warmup else min(frames, 2 * spec.chunk)
             t_warm = time.perf_counter()
@@ -930,7 +943,7 @@ def _run_benchmark(
             crcm = run_crcm(setup, spec, frames, seed=seed, record=record_latents)
             _free()
             bkey = (spec.chunk, spec.steps, spec.context, spec.vae)
-            one = RowSpec(spec.chunk, spec.steps, spec.context, 1, spec.vae)
+            one = RowSpec(spec.chunk, spec.steps, spec.context, 1, spec.vae)  # eager, as research
             if baseline and bkey not in baselines:
                 run_research(setup, one, _whole(spec, min(frames, 2 * spec.chunk)), seed=seed)
                 _free()
@@ -1013,6 +1026,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vae", choices=("both", "on", "off"), default="both", help="end to end, DiT only, both"
     )
+    parser.add_argument(
+        "--compile",
+        choices=("both", "on", "off"),
+        default="both",
+        help="crcm's forwards compiled (torch.compile), eager, or both (both)",
+    )
     parser.add_argument("--max-rows", type=int, help="stop after this many rows of the plan")
     parser.add_argument("--no-baseline", action="store_true", help="skip the research loop")
     parser.add_argument("--seed", type=int, default=0)
@@ -1026,8 +1045,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(c not in (1, 3) for c in args.chunks) or any(n > 4 for n in args.steps):
         raise SystemExit("chunks are 1 or 3 and steps 1 to 4 (the causal-rcm presets)")
     vae = {"both": (True, False), "on": (True,), "off": (False,)}[args.vae]
+    compiles = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
     rows = plan_rows(
-        steps=args.steps, chunks=args.chunks, contexts=args.contexts, streams=args.streams, vae=vae
+        steps=args.steps,
+        chunks=args.chunks,
+        contexts=args.contexts,
+        streams=args.streams,
+        vae=vae,
+        compiles=compiles,
     )
     if args.max_rows is not None:
         rows = rows[: args.max_rows]

@@ -51,6 +51,7 @@ def test_tiny_rows_write_json_and_match_the_research_loop(tmp_path):
         RowSpec(3, 2, "clean", 1, True),  # c3-3, cache-update pass, streaming VAE decode
         RowSpec(1, 2, "noisy", 1, False),  # c1-1, noisy context, DiT only
         RowSpec(3, 1, "clean", 2, False),  # two batched streams against 2 sequential runs
+        RowSpec(1, 2, "noisy", 1, False, compiled=True),  # Runtime(compile=True)
     ]
     record = bench_wan.run_benchmark(
         tiny=True, frames=6, budget_s=300, out=out, rows=rows, progress=False
@@ -68,20 +69,23 @@ def test_tiny_rows_write_json_and_match_the_research_loop(tmp_path):
         (3, 2, "clean", 1, True),
         (1, 2, "noisy", 1, False),
         (3, 1, "clean", 2, False),
+        (1, 2, "noisy", 1, False),
     ]
+    assert [r["compiled"] for r in got] == [False, False, False, True]
     for row in got:
         assert set(row) >= ROW_FIELDS, ROW_FIELDS - set(row)
         assert row["fps"] > 0 and row["baseline_fps"] > 0
         assert row["speedup"] == pytest.approx(row["fps"] / row["baseline_fps"], rel=0.02)
         assert row["first_chunk_ms"] > 0 and row["p99_chunk_ms"] >= row["p50_chunk_ms"] > 0
         assert row["mfu"] is None and row["peak_mem_gb"] is None
-        assert row["graphs"] is False and row["compiled"] is False
+        assert row["graphs"] is False
         assert row["dit_tflop"] >= 0
     # Decoded frames actually emitted: Wan's VAE gives 1 + 4·5 frames for 6 latent frames.
     assert got[0]["video_frames_per_stream"] == 21
     assert got[1]["video_frames_per_stream"] == 6
-    # Same weights, noise and steps: crcm's latents are the research loop's (fp32).
-    for row in got[:2]:
+    # Same weights, noise and steps: crcm's latents are the research loop's (fp32), compiled
+    # or not.
+    for row in got[:2] + got[3:]:
         assert row["latent_max_abs_diff"] is not None
         assert row["latent_max_abs_diff"] <= 1e-4
     assert got[0]["baseline"] == bench_wan.RESEARCH
@@ -148,10 +152,13 @@ def test_vae_rows_are_skipped_with_a_note_without_diffusers(monkeypatch, tmp_pat
 def test_row_plan_puts_the_headline_first_and_cli_lists_it(capsys):
     plan = bench_wan.plan_rows()
     assert plan[0] == RowSpec(3, 4, "clean", 1, True)
-    assert plan[1] == RowSpec(3, 2, "clean", 1, True)
-    assert plan[2] == RowSpec(1, 1, "clean", 1, True)
-    assert len(plan) == len(set(plan)) == 2 * 3 * 2 * 4 * 2
-    assert bench_wan.main(["--list", "--streams", "1", "--vae", "off", "--chunks", "3"]) == 0
+    assert plan[2] == RowSpec(3, 2, "clean", 1, True)
+    assert plan[4] == RowSpec(1, 1, "clean", 1, True)
+    assert len(plan) == len(set(plan)) == 2 * 3 * 2 * 4 * 2 * 2
+    # Each headline row's compiled twin right after it: the change beside its baseline.
+    assert plan[1] == RowSpec(3, 4, "clean", 1, True, compiled=True)
+    argv = ["--list", "--streams", "1", "--vae", "off", "--chunks", "3", "--compile", "off"]
+    assert bench_wan.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and lines[0].endswith("c3-3 4-step clean  1 stream  dit")
 

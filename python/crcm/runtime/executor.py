@@ -43,8 +43,7 @@ order, so the cache equals one built from scratch with the new condition over th
 
 from __future__ import annotations
 
-import itertools
-import weakref
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -476,19 +475,20 @@ class PlanAttention:
         self.backend = backend
         self._writes: list[tuple[int, int, torch.Tensor]] = []
         self._ctx: object = None
-        self.key = next(_plan_attention_keys)
-        _PLAN_ATTENTION[self.key] = self
 
     def point_at(self, writes: list[tuple[int, int, torch.Tensor]], ctx: object) -> None:
         """``writes``: (plane, row, flat token slots) per writing row; ``ctx``: the backend's
-        prepared page tables of the rows."""
+        prepared page tables of the rows. Also makes this the thread's current one, which the
+        compiled operator calls: a runtime runs its forwards on one thread at a time, and the
+        graph, shared by every runtime of the model, names no runtime."""
         self._writes, self._ctx = writes, ctx
+        _current.attention = self
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.crcm.plan_attention(q, k, v, layer, self.key)
+            return torch.ops.crcm.plan_attention(q, k, v, layer)
         return self.attend(layer, q, k, v)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -497,19 +497,18 @@ class PlanAttention:
         return self.backend.attend(layer, q, k, v, self._ctx)
 
 
-_PLAN_ATTENTION: weakref.WeakValueDictionary[int, PlanAttention] = weakref.WeakValueDictionary()
-_plan_attention_keys = itertools.count()
+_current = threading.local()  # .attention: the PlanAttention of this thread's forward
 
 
 @torch.library.custom_op("crcm::plan_attention", mutates_args=())
 def _plan_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
 ) -> torch.Tensor:
-    return _PLAN_ATTENTION[key].attend(layer, q, k, v)
+    return _current.attention.attend(layer, q, k, v)
 
 
 @_plan_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, key: int) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -524,5 +523,12 @@ def compile_forward(model: CausalDiT) -> Callable[..., torch.Tensor]:
     forward of each batch shape compiles (seconds, cached on disk by Inductor for later
     processes); the batch size becomes a dynamic dimension at its second distinct value, so
     more streams do not compile again (:meth:`Runtime.warm_up` does both before serving).
+    One compiled forward per model, shared by every runtime of it: a second
+    ``torch.compile`` of the same model would compile everything again.
     """
-    return torch.compile(model, options={"freezing": True})
+    compiled = model.__dict__.get("_crcm_compiled")
+    if compiled is None:
+        compiled = torch.compile(model, options={"freezing": True})
+        # Kept on the model outside its submodules (not in its state_dict), freed with it.
+        object.__setattr__(model, "_crcm_compiled", compiled)
+    return compiled
