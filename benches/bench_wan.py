@@ -55,9 +55,14 @@ what it measured; rows that do not fit the budget or the GPU's memory are listed
 
 CLI::
 
-    python benches/bench_wan.py [--tiny] [--budget-s S] [--out FILE] [--frames N]
+    python benches/bench_wan.py [--tiny | --cpu] [--budget-s S] [--out FILE] [--frames N]
         [--steps 4,2,1] [--chunks 3,1] [--contexts clean,noisy] [--streams 1,8,4,16]
         [--vae both|on|off] [--max-rows N] [--no-baseline] [--seed N] [--list]
+
+``--cpu``: a 36 M-parameter Wan-shaped DiT (:data:`CPU_CONFIG`: 8 layers of dim 512, Wan's text
+tokens, 64 tokens per latent frame) in fp32 on the CPU, DiT only: where a CPU user's speed
+against the research loop is measured (default budget 300 s; ``--vae off`` skips planning the
+end-to-end rows).
 
 ``--tiny``: the same code path on CPU with tiny shapes (dim 64, 2 layers, 64×64 video, a tiny
 ``AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1])``) in fp32, default budget 30 s.
@@ -126,6 +131,24 @@ TINY_FRAMES = 6
 DEFAULT_BUDGET_S = 480.0
 TINY_BUDGET_S = 30.0
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# --cpu: a Wan-shaped model a CPU streams in seconds (36 M parameters: 8 layers of dim 512,
+# Wan's 512 × 4096 text tokens, 16 latent channels, 64 tokens per latent frame), fp32, DiT only.
+CPU_CONFIG = DiTConfig(
+    in_channels=16,
+    out_channels=16,
+    dim=512,
+    num_layers=8,
+    num_heads=8,
+    ffn_dim=1536,
+    frame_hw=(16, 16),
+    patch=(1, 2, 2),
+    freq_dim=256,
+    cond="text",
+    text_dim=4096,
+    text_len=512,
+)
+CPU_BUDGET_S = 300.0
 
 TINY_CONFIG = DiTConfig(
     in_channels=16,
@@ -255,6 +278,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     tiny: bool
+    name: str  # the model's name in the rows
     vae_state_bytes: int = 0  # one stream's decoder state, once measured
 
     def codec(self, vae: bool) -> Codec:
@@ -312,16 +336,20 @@ def load_vae_codec(
 def build_setup(
     *,
     tiny: bool = False,
+    cpu: bool = False,
     device: torch.device | str | None = None,
     seed: int = 0,
     vae: bool = True,
 ) -> Setup:
-    """Random weights of the real sizes in bf16 on the GPU, or the tiny ones in fp32 (CPU);
+    """Random weights of the real sizes in bf16 on the GPU, or the tiny ones (``tiny``) or the
+    36 M-parameter Wan-shaped ones (``cpu``: :data:`CPU_CONFIG`, no VAE) in fp32 on the CPU;
     ``vae=False``: no VAE (DiT-only rows)."""
-    device = torch.device(device or ("cpu" if tiny else "cuda"))
-    dtype = torch.float32 if tiny else torch.bfloat16
-    cfg = TINY_CONFIG if tiny else get_config(MODEL)
+    on_cpu = tiny or cpu
+    device = torch.device(device or ("cpu" if on_cpu else "cuda"))
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    cfg = TINY_CONFIG if tiny else CPU_CONFIG if cpu else get_config(MODEL)
     frame_hw = TINY_FRAME_HW if tiny else WAN_FRAME_HW
+    name = "tiny-wan" if tiny else "wan-shaped-36m" if cpu else MODEL
     torch.manual_seed(seed)
     with torch.device(device):  # built in place: 1.3B parameters are not initialised on a CPU
         model = CausalDiT(cfg)
@@ -335,8 +363,13 @@ def build_setup(
     # 16 channels at 1/4 scale of a grayscale frame: crcm's default pixel codec for the config.
     lh, lw = cfg.frame_hw
     pixel = PixelCodec((lh * 4, lw * 4), 1, 4)
-    codec, note = load_vae_codec(tiny, frame_hw, device, dtype) if vae else (None, "no VAE")
-    return Setup(cfg, model, tokens, pixel, codec, note, device, dtype, tiny)
+    if cpu:
+        codec, note = None, "VAE rows skipped: --cpu measures the DiT only"
+    elif vae:
+        codec, note = load_vae_codec(tiny, frame_hw, device, dtype)
+    else:
+        codec, note = None, "no VAE"
+    return Setup(cfg, model, tokens, pixel, codec, note, device, dtype, tiny, name)
 
 
 # -- the two ways of streaming -----------------------------------------------------------------
@@ -699,7 +732,7 @@ def make_row(
     fps = crcm.frames / crcm.elapsed_s
     mfu = None if peak_flops is None else flops / crcm.elapsed_s / peak_flops
     row: dict[str, object] = {
-        "model": MODEL if not setup.tiny else "tiny-wan",
+        "model": setup.name,
         "sampler": spec.sampler_name,
         "steps": spec.steps,
         "chunk": spec.chunk,
@@ -785,6 +818,7 @@ def _kv_bytes(setup: Setup, spec: RowSpec, frames: int) -> int:
 def run_benchmark(
     *,
     tiny: bool = False,
+    cpu: bool = False,
     frames: int | None = None,
     budget_s: float | None = None,
     out: Path | str | None = None,
@@ -805,6 +839,7 @@ def run_benchmark(
     try:
         return _run_benchmark(
             tiny=tiny,
+            cpu=cpu,
             frames=frames,
             budget_s=budget_s,
             out=out,
@@ -822,6 +857,7 @@ def run_benchmark(
 def _run_benchmark(
     *,
     tiny: bool,
+    cpu: bool,
     frames: int | None,
     budget_s: float | None,
     out: Path | str | None,
@@ -834,11 +870,12 @@ def _run_benchmark(
 ) -> dict[str, object]:
     t_start = time.perf_counter()
     log = log or ((lambda text: print(text, flush=True)) if progress else (lambda text: None))
-    if not tiny and not torch.cuda.is_available():
-        raise RuntimeError("bench_wan needs a CUDA GPU for the real shapes; use --tiny on a CPU")
-    budget = float(
-        budget_s if budget_s is not None else TINY_BUDGET_S if tiny else DEFAULT_BUDGET_S
-    )
+    if not (tiny or cpu) and not torch.cuda.is_available():
+        raise RuntimeError(
+            "bench_wan needs a CUDA GPU for the real shapes; use --cpu or --tiny on a CPU"
+        )
+    default_budget = TINY_BUDGET_S if tiny else CPU_BUDGET_S if cpu else DEFAULT_BUDGET_S
+    budget = float(budget_s if budget_s is not None else default_budget)
     frames = int(frames or (TINY_FRAMES if tiny else DEFAULT_FRAMES))
     rows = list(rows if rows is not None else plan_rows())
     if max_rows is not None:
@@ -846,7 +883,7 @@ def _run_benchmark(
     for spec in rows:
         chunk_sizes(sampler_for(spec), frames)  # whole chunks, or refuse before any work
 
-    setup = build_setup(tiny=tiny, seed=seed, vae=any(spec.vae for spec in rows))
+    setup = build_setup(tiny=tiny, cpu=cpu, seed=seed, vae=any(spec.vae for spec in rows))
     info = machine_info(setup.device)
     out = Path(out) if out is not None else RESULTS / f"wan-e2e-{machine_slug(info)}.json"
     peak = measure_matmul_peak(setup.device, setup.dtype)
@@ -854,12 +891,12 @@ def _run_benchmark(
     record: dict[str, object] = {
         "benchmark": "wan-e2e",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "mode": "tiny" if tiny else "gpu",
+        "mode": "tiny" if tiny else "cpu" if cpu else "gpu",
         "machine": info,
         "settings": {
-            "model": "tiny-wan" if tiny else MODEL,
+            "model": setup.name,
             "config": asdict(setup.cfg),
-            "video_hw": list(TINY_FRAME_HW if tiny else WAN_FRAME_HW),
+            "video_hw": None if cpu else list(TINY_FRAME_HW if tiny else WAN_FRAME_HW),
             "latent_frames_per_stream": frames,
             "tokens_per_frame": setup.tokens_per_frame,
             "dtype": str(setup.dtype).removeprefix("torch."),
@@ -1011,6 +1048,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in fp32")
     parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="a 36M-parameter Wan-shaped DiT on CPU in fp32 (8 layers of dim 512, 64 tokens per "
+        "latent frame), DiT only",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         help=f"seconds for the rows ({DEFAULT_BUDGET_S:.0f}; tiny {TINY_BUDGET_S:.0f})",
@@ -1060,8 +1103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, spec in enumerate(rows, 1):
             print(f"{i:>3}. {spec.describe()}")
         return 0
-    if not args.tiny and not torch.cuda.is_available():
-        print("bench_wan.py: no CUDA GPU here; run it on one, or try --tiny", file=sys.stderr)
+    if not (args.tiny or args.cpu) and not torch.cuda.is_available():
+        print(
+            "bench_wan.py: no CUDA GPU here; run it on one, or try --cpu or --tiny",
+            file=sys.stderr,
+        )
         return 2
     frames = args.frames or (TINY_FRAMES if args.tiny else DEFAULT_FRAMES)
     try:
@@ -1072,6 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     run_benchmark(
         tiny=args.tiny,
+        cpu=args.cpu,
         frames=args.frames,
         budget_s=args.budget_s,
         out=args.out,

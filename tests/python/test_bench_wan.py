@@ -176,3 +176,18 @@ def test_crcm_bench_runs_this_module_as_its_wan_suite():
     assert "e2e" in text and "20.5 frames/s" in text and "1.2x research loop" in text
     if not torch.cuda.is_available():
         assert bench.run_wan_suite() == []
+
+
+def test_cpu_mode_streams_the_36m_wan_shaped_model_like_the_research_loop(tmp_path):
+    setup = bench_wan.build_setup(cpu=True, vae=False)
+    params = sum(p.numel() for p in setup.model.parameters())
+    assert 30e6 < params < 40e6 and setup.tokens_per_frame == 64 and setup.dtype == torch.float32
+    rows = [RowSpec(3, 1, "clean", 1, False), RowSpec(3, 1, "clean", 1, True)]
+    record = bench_wan.run_benchmark(
+        cpu=True, frames=3, budget_s=120, out=tmp_path / "cpu.json", rows=rows, progress=False
+    )
+    [row] = record["rows"]
+    assert record["mode"] == "cpu" and row["model"] == "wan-shaped-36m"
+    assert row["latent_max_abs_diff"] <= 1e-4 and row["speedup"] > 0
+    [skipped] = record["skipped"]  # the end-to-end row: --cpu measures the DiT only
+    assert skipped["vae"] and "DiT only" in skipped["reason"]
