@@ -43,6 +43,25 @@ def play_server(models=("tiny",), **config):
         yield srv
 
 
+def capture_served(monkeypatch) -> list[PlayServer]:
+    """Makes ``crcm play`` return instead of serving; the list gets each server it built."""
+    import crcm.serve.app
+
+    served: list[PlayServer] = []
+
+    class NoServer:
+        def run(self, sockets):
+            for sock in sockets:
+                sock.close()
+
+    def fake_uvicorn_server(app, config, log_level="warning"):
+        served.append(app.state.server)
+        return NoServer()
+
+    monkeypatch.setattr(crcm.serve.app, "uvicorn_server", fake_uvicorn_server)
+    return served
+
+
 def ws_url(srv, **query) -> str:
     q = "&".join(f"{k}={v}" for k, v in query.items())
     return f"ws://127.0.0.1:{srv.port}/ws" + (f"?{q}" if q else "")

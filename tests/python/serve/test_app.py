@@ -10,12 +10,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
 
 from play_helpers import (
+    capture_served,
     closed_with,
     play_server,
     recv_json,
@@ -326,3 +328,24 @@ def test_video_models_are_refused():
     pipe = responsive_pipeline()
     with pytest.raises(ConfigError, match="two models"):
         PlayServer([ModelEntry("a", pipe), ModelEntry("a", pipe)])
+
+
+def test_play_compiles_and_warms_up_before_serving(monkeypatch, capsys):
+    from crcm.cli import main
+
+    served = capture_served(monkeypatch)
+    argv = ["play", "--model", "tiny", "--port", "0", "--max-sessions", "2"]
+    assert main([*argv, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "compiling the models" in out and "tiny: ready in" in out and "(compiled, float32)" in out
+    )
+    [server] = served
+    runtime = server.models["tiny"].runtime
+    assert runtime.executor.compiled and not runtime.sessions
+    assert main([*argv, "--no-compile", "--dtype", "bfloat16"]) == 0
+    assert "compiling" not in capsys.readouterr().out
+    model = served[1].models["tiny"]
+    assert not model.runtime.executor.compiled
+    assert next(model.pipeline.model.parameters()).dtype == torch.bfloat16
+    torch._dynamo.reset()

@@ -16,6 +16,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
 
 from play_helpers import (
+    capture_served,
     closed_with,
     recv_json,
     responsive_pipeline,
@@ -24,7 +25,6 @@ from play_helpers import (
 )
 from websockets.sync.client import connect
 
-import crcm.serve.app
 from crcm.serve.app import (
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
@@ -266,20 +266,9 @@ def test_cli_play_serves_a_wan_folder(wan_folder, tmp_path, monkeypatch, capsys)
 
     world = responsive_pipeline("world").save(tmp_path / "world")  # a pipeline folder
 
-    served = []
-
-    class FakeServer:
-        def run(self, sockets):
-            for sock in sockets:
-                sock.close()
-
-    def fake_uvicorn_server(app, config, log_level="warning"):
-        served.append(app.state.server)
-        return FakeServer()
-
-    monkeypatch.setattr(crcm.serve.app, "uvicorn_server", fake_uvicorn_server)
+    served = capture_served(monkeypatch)
     argv = ["play", "--model", str(wan_folder), "--height", "32", "--width", "48", "--port", "0"]
-    argv += ["--no-compile"]  # compiling is tested with crcm play in tests/python/runtime
+    argv += ["--no-compile"]  # compiling: test_app.py's test_play_compiles_...
     # --height/--width go to the Wan folder only, not to the world model served beside it.
     assert main([*argv, "--model", str(world), "--max-sessions", "1"]) == 0
     out = capsys.readouterr().out
