@@ -352,37 +352,55 @@ def run_suite(
     contexts: Sequence[str] = ("noisy", "clean"),
     compiles: Sequence[bool] = (False,),
     frames: int = 64,
+    repeats: int = 1,
     progress: bool = True,
 ) -> list[dict[str, object]]:
-    """Rows of :func:`bench_streaming` over every combination; chunk-1 rows carry the plain
-    PyTorch loop's frames/s (``baseline_fps``, eager, the pipeline's weights and dtype) and
-    crcm's ratio to it (``speedup``)."""
+    """Rows of :func:`bench_streaming` over every combination. Chunk-1 rows carry the plain
+    PyTorch loop's frames/s (``baseline_fps``: eager, the pipeline's weights and dtype) and
+    crcm's ratio to it (``speedup``). With ``repeats`` > 1 each row and its baseline run that
+    many times in turn (row, baseline, row, …), so that both see the same moments of a shared
+    machine; the row keeps the medians, and every run in ``fps_runs`` / ``baseline_runs``."""
     rows = []
-    baselines: dict[tuple[int, str], float] = {}
     dtype = str(next(pipeline.model.parameters()).dtype).removeprefix("torch.")
     for compile in compiles:
         for chunk in chunks:
             for n_streams in streams:
                 for context in contexts:
                     for n_steps in steps:
-                        row = bench_streaming(
-                            pipeline,
-                            steps=n_steps,
-                            chunk=chunk,
-                            streams=n_streams,
-                            context=context,
-                            frames=frames,
-                            compile=compile,
-                        )
-                        row["dtype"] = dtype
-                        if chunk == 1:
-                            key = (n_steps, context)
-                            if key not in baselines:
-                                baselines[key] = plain_pytorch_fps(
-                                    pipeline, steps=n_steps, context=context, frames=frames
+                        runs, bases = [], []
+                        for _ in range(repeats):
+                            runs.append(
+                                bench_streaming(
+                                    pipeline,
+                                    steps=n_steps,
+                                    chunk=chunk,
+                                    streams=n_streams,
+                                    context=context,
+                                    frames=frames,
+                                    compile=compile,
                                 )
-                            row["baseline_fps"] = round(baselines[key], 2)
-                            row["speedup"] = round(float(row["fps"]) / baselines[key], 2)
+                            )
+                            if chunk == 1:
+                                bases.append(
+                                    plain_pytorch_fps(
+                                        pipeline, steps=n_steps, context=context, frames=frames
+                                    )
+                                )
+                        fps_runs = [float(r["fps"]) for r in runs]
+                        median = float(np.median(fps_runs))
+                        # The run closest to the median supplies the latency fields.
+                        row = min(runs, key=lambda r: abs(float(r["fps"]) - median))
+                        row["fps"] = round(median, 2)
+                        row["warmup_s"] = runs[0]["warmup_s"]  # the run that compiled, if any
+                        row["dtype"] = dtype
+                        if repeats > 1:
+                            row["fps_runs"] = fps_runs
+                        if bases:
+                            base = float(np.median(bases))
+                            row["baseline_fps"] = round(base, 2)
+                            row["speedup"] = round(median / base, 2)
+                            if repeats > 1:
+                                row["baseline_runs"] = [round(b, 2) for b in bases]
                         rows.append(row)
                         if progress:
                             print(format_row(row), flush=True)

@@ -29,6 +29,17 @@ def _steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        msg = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return counts
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from crcm.demo import run_demo
 
@@ -69,13 +80,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipe.model.to(dtype)
     else:
         pipe = load(args.model, dtype=dtype)
-    streams = (1, 8) if args.quick else (1, 8, 32)
+    streams = args.streams or ((1, 8) if args.quick else (1, 8, 32))
     rows = run_suite(
         pipe,
-        steps=(1, 2, 4),
+        steps=args.steps,
         streams=streams,
         compiles=(False, True) if args.compile else (False,),
         frames=16 if args.quick else 64,
+        repeats=1 if args.quick else 3,
     )
     rows += run_wan_suite(frames=8 if args.quick else 48)  # real shapes, when CUDA is present
     record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows}
@@ -150,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--model", default="breakout", help="model name or pipeline folder (breakout)"
     )
-    bench.add_argument("--quick", action="store_true", help="fewer frames, 1 and 8 streams")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer frames, 1 and 8 streams, one run per row (else 3, with the baseline "
+        "measured between them)",
+    )
+    bench.add_argument("--steps", type=_steps, default=(1, 2, 4), help="steps per frame (1,2,4)")
+    bench.add_argument("--streams", type=_counts, help="concurrent streams (1,8,32; quick 1,8)")
     bench.add_argument(
         "--compile",
         action="store_true",
