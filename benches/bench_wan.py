@@ -780,7 +780,8 @@ def make_row(
 def format_row(row: dict[str, object]) -> str:
     text = (
         f"{row['sampler']} {row['steps']}-step {row['context']:>5} streams={row['streams']:>2} "
-        f"{'e2e' if row['vae'] else 'dit'}  {row['fps']:>8} frames/s  first chunk "
+        f"{'e2e' if row['vae'] else 'dit'}{' compiled' if row.get('compiled') else ''}  "
+        f"{row['fps']:>8} frames/s  first chunk "
         f"{row['first_chunk_ms']} ms  p50 {row['p50_chunk_ms']} ms  p99 {row['p99_chunk_ms']} ms"
     )
     if row.get("mfu") is not None:

@@ -492,7 +492,8 @@ def format_row(row: dict[str, object]) -> str:
 def _format_wan_row(row: dict[str, object]) -> str:
     return (
         f"{row['model']:>12} steps={row['steps']} chunk={row['chunk']} {row['context']:>5} "
-        f"streams={row['streams']:>2} {'e2e' if row['vae'] else 'dit'}  {row['fps']:>8} "
+        f"streams={row['streams']:>2} {'e2e' if row['vae'] else 'dit'}"
+        f"{' compiled' if row.get('compiled') else ''}  {row['fps']:>8} "
         f"frames/s  first chunk {row['first_chunk_ms']} ms  p99 {row['p99_chunk_ms']} ms"
         + (f"  MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "")
         + (f"  {row['speedup']}x research loop" if row.get("speedup") is not None else "")
