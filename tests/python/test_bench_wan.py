@@ -54,7 +54,7 @@ def test_tiny_rows_write_json_and_match_the_research_loop(tmp_path):
         RowSpec(1, 2, "noisy", 1, False, compiled=True),  # Runtime(compile=True)
     ]
     record = bench_wan.run_benchmark(
-        tiny=True, frames=6, budget_s=300, out=out, rows=rows, progress=False
+        tiny=True, frames=6, budget_s=900, out=out, rows=rows, progress=False
     )
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(record))
