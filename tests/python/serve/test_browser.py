@@ -154,7 +154,7 @@ def _hold(driver, key, detector, seconds: float) -> list[float | None]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped Breakout model follows the keys for about 8 frames, then loses the "
+    reason="the shipped Breakout model follows the keys for about 16 frames, then loses the "
     "paddle; a 3-second hold needs ~45 (docs/breakout-model.md); strict: this reports as soon "
     "as a shipped model passes",
 )
