@@ -18,26 +18,26 @@ def _positive(text: str) -> int:
     return value
 
 
-def _steps(text: str) -> tuple[int, ...]:
+def _int_list(text: str) -> tuple[int, ...]:
     try:
-        steps = tuple(int(s) for s in text.split(","))
+        return tuple(int(s) for s in text.split(","))
     except ValueError:
         msg = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
-    if not steps or min(steps) < 1 or max(steps) > 4:
-        raise argparse.ArgumentTypeError(f"steps must be between 1 and 4, got {text!r}")
-    return steps
 
 
 def _counts(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
+    counts = _int_list(text)
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return counts
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    steps = _int_list(text)
+    if not steps or min(steps) < 1 or max(steps) > 4:
+        raise argparse.ArgumentTypeError(f"steps must be between 1 and 4, got {text!r}")
+    return steps
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
