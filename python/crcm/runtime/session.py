@@ -253,6 +253,7 @@ class Runtime:
         self.device = torch.device(device) if device is not None else _param_device(model)
         model.to(self.device).eval()
         self.pipeline = pipeline
+        self.max_streams = max_streams
         c, h, w = pipeline.latent_chw
         tokens_per_frame = model.tokens_per_frame(h, w)
         page_tokens = -(-tokens_per_frame // PAGE_TILE) * PAGE_TILE
@@ -740,10 +741,10 @@ class Runtime:
 
     def warm_up(self, streams: int = 2, sampler: SamplerConfig | str | None = None) -> float:
         """Runs throw-away streams so that the first real one does not wait: one stream alone,
-        then ``streams`` together (their first two chunks each), with ``sampler`` (default: the
-        pipeline's). With ``compile=True`` this is when the forwards compile, for one stream
-        and for a batch of several (a dynamic batch dimension, so any number of streams after
-        it). If compiling fails (Inductor needs a C++ compiler on CPU), the runtime warns and
+        then ``streams`` together (at most ``max_streams``; their first two chunks each), with
+        ``sampler`` (default: the pipeline's). With ``compile=True`` this is when the forwards
+        compile, for one stream and for a batch of several (a dynamic batch dimension, so any
+        number of streams after it). If compiling fails (Inductor needs a C++ compiler on CPU), the runtime warns and
         goes on uncompiled. Call it before serving, with no session open; returns the seconds
         it took.
         """
@@ -768,7 +769,7 @@ class Runtime:
 
     def _warm_up(self, streams: int, sampler: SamplerConfig | str | None) -> None:
         takes_actions = bool(self.pipeline.model.cfg.num_actions)
-        for n in sorted({1, streams}):
+        for n in sorted({1, max(1, min(streams, self.max_streams))}):
             opened = []
             for i in range(n):
                 session = self.open(sampler=sampler, seed=i, backpressure="drop_oldest")

@@ -44,6 +44,7 @@ def test_warm_up_leaves_no_session_and_serves_afterwards(pipe):
     rt.open(max_frames=1)
     with pytest.raises(crcm.InvalidStateError, match="before any session"):
         rt.warm_up()
+    Runtime(pipe, max_streams=1).warm_up(streams=4)  # as many streams as the runtime holds
 
 
 def test_a_failed_compilation_warns_and_runs_uncompiled(pipe, monkeypatch):
