@@ -744,9 +744,9 @@ class Runtime:
         then ``streams`` together (at most ``max_streams``; their first two chunks each), with
         ``sampler`` (default: the pipeline's). With ``compile=True`` this is when the forwards
         compile, for one stream and for a batch of several (a dynamic batch dimension, so any
-        number of streams after it). If compiling fails (Inductor needs a C++ compiler on CPU), the runtime warns and
-        goes on uncompiled. Call it before serving, with no session open; returns the seconds
-        it took.
+        number of streams after it). If compiling fails (Inductor needs a C++ compiler on
+        CPU), the runtime warns and goes on uncompiled. Call it before serving, with no session
+        open; returns the seconds it took.
         """
         if self.sessions:
             raise InvalidStateError("warm_up() runs before any session is opened")
