@@ -21,6 +21,7 @@ One row per setting::
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import re
@@ -362,48 +363,43 @@ def run_suite(
     machine; the row keeps the medians, and every run in ``fps_runs`` / ``baseline_runs``."""
     rows = []
     dtype = str(next(pipeline.model.parameters()).dtype).removeprefix("torch.")
-    for compile in compiles:
-        for chunk in chunks:
-            for n_streams in streams:
-                for context in contexts:
-                    for n_steps in steps:
-                        runs, bases = [], []
-                        for _ in range(repeats):
-                            runs.append(
-                                bench_streaming(
-                                    pipeline,
-                                    steps=n_steps,
-                                    chunk=chunk,
-                                    streams=n_streams,
-                                    context=context,
-                                    frames=frames,
-                                    compile=compile,
-                                )
-                            )
-                            if chunk == 1:
-                                bases.append(
-                                    plain_pytorch_fps(
-                                        pipeline, steps=n_steps, context=context, frames=frames
-                                    )
-                                )
-                        fps_runs = [float(r["fps"]) for r in runs]
-                        median = float(np.median(fps_runs))
-                        # The run closest to the median supplies the latency fields.
-                        row = min(runs, key=lambda r: abs(float(r["fps"]) - median))
-                        row["fps"] = round(median, 2)
-                        row["warmup_s"] = runs[0]["warmup_s"]  # the run that compiled, if any
-                        row["dtype"] = dtype
-                        if repeats > 1:
-                            row["fps_runs"] = fps_runs
-                        if bases:
-                            base = float(np.median(bases))
-                            row["baseline_fps"] = round(base, 2)
-                            row["speedup"] = round(median / base, 2)
-                            if repeats > 1:
-                                row["baseline_runs"] = [round(b, 2) for b in bases]
-                        rows.append(row)
-                        if progress:
-                            print(format_row(row), flush=True)
+    grid = itertools.product(compiles, chunks, streams, contexts, steps)
+    for compile, chunk, n_streams, context, n_steps in grid:
+        runs, bases = [], []
+        for _ in range(repeats):
+            runs.append(
+                bench_streaming(
+                    pipeline,
+                    steps=n_steps,
+                    chunk=chunk,
+                    streams=n_streams,
+                    context=context,
+                    frames=frames,
+                    compile=compile,
+                )
+            )
+            if chunk == 1:
+                bases.append(
+                    plain_pytorch_fps(pipeline, steps=n_steps, context=context, frames=frames)
+                )
+        fps_runs = [float(r["fps"]) for r in runs]
+        median = float(np.median(fps_runs))
+        # The run closest to the median supplies the latency fields.
+        row = min(runs, key=lambda r: abs(float(r["fps"]) - median))
+        row["fps"] = round(median, 2)
+        row["warmup_s"] = runs[0]["warmup_s"]  # the run that compiled, if any
+        row["dtype"] = dtype
+        if repeats > 1:
+            row["fps_runs"] = fps_runs
+        if bases:
+            base = float(np.median(bases))
+            row["baseline_fps"] = round(base, 2)
+            row["speedup"] = round(median / base, 2)
+            if repeats > 1:
+                row["baseline_runs"] = [round(b, 2) for b in bases]
+        rows.append(row)
+        if progress:
+            print(format_row(row), flush=True)
     return rows
 
 

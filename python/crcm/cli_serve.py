@@ -103,9 +103,10 @@ def _cmd_play(args: argparse.Namespace) -> int:
     server = PlayServer([load(name) for name in names], config)
     if args.compile:
         print("crcm play: compiling the models for this machine (seconds)...", flush=True)
+        precision = str(dtype).removeprefix("torch.")
         for name, seconds in server.warm_up().items():
             state = "compiled" if server.models[name].runtime.executor.compiled else "uncompiled"
-            print(f"  {name}: ready in {seconds:.1f} s ({state}, {str(dtype)[6:]})", flush=True)
+            print(f"  {name}: ready in {seconds:.1f} s ({state}, {precision})", flush=True)
     sock = bind_socket(args.host, args.port)  # fails here, with one line, if the port is taken
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -131,8 +131,7 @@ class Executor:
         self.latent_chw = latent_chw
         self.attention = select_backend(attention_backend, cache)
         self._plan_attention = PlanAttention(cache, self.attention)
-        # The batched forward, eager or compiled (see ``compile`` in the module docs).
-        self.compiled = compile
+        # The batched forward: the model itself, or its compiled forward (compile_forward).
         self._forward = compile_forward(model) if compile else model
         self.streams: dict[int, StreamState] = {}
         self._device = cache.k.device
@@ -140,9 +139,13 @@ class Executor:
         # them at every forward from the condition tokens (the model's plain path).
         self.cache_cross_kv = model.cfg.cond == "text"
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the batched forwards run compiled."""
+        return self._forward is not self.model
+
     def use_eager(self) -> None:
         """Runs the forwards uncompiled from now on (a failed compilation's way out)."""
-        self.compiled = False
         self._forward = self.model
 
     def add_stream(self, stream_id: int, state: StreamState) -> None:

@@ -310,7 +310,7 @@ class PlayServer:
             if entry.takes_prompt:
                 continue  # a text model's first forward also encodes a prompt: left to play
             sampler = entry.pipeline.sampler.with_steps(self.default_steps(name))
-            took[name] = entry.runtime.warm_up(min(2, self.config.max_sessions), sampler)
+            took[name] = entry.runtime.warm_up(sampler=sampler)
         return took
 
     def start(self) -> None:

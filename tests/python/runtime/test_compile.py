@@ -62,7 +62,7 @@ def test_a_failed_compilation_warns_and_runs_uncompiled(pipe, monkeypatch):
     rt.run_until_idle()
     assert len(session.read()) == 2
     # Uncompiled, a failure is the caller's to see: warm_up does not swallow it.
-    monkeypatch.setattr(rt.executor, "_forward", broken)
+    monkeypatch.setattr(pipe.model, "forward", broken)
     session.close()
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         warnings.simplefilter("error")
