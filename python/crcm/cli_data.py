@@ -87,6 +87,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         shift=args.shift,
         name=args.name,
         dtype=getattr(torch, args.dtype),
+        still_threshold=None if args.still_grey is None else args.still_grey / 127.5,
     )
     frame_hw = args.size
     if frame_hw is None:
@@ -210,6 +211,12 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         choices=("float32", "bfloat16"),
         default="float32",
         help="precision the model runs in (float32)",
+    )
+    p.add_argument(
+        "--still-grey",
+        type=float,
+        help="hold generated pixels that changed by fewer grey levels than this at the frame "
+        "before (the sampler's still_threshold; default: the pipeline's, 0 = off)",
     )
     p.add_argument(
         "--long-rollout", type=int, default=1000, help="frames of the drift rollout (1000; 0: none)"

@@ -161,6 +161,28 @@ def euler_step(
     return x_s - s * v, x_s + (s_next - s) * v
 
 
+def hold_still_pixels(
+    x0_T_C_H_W: torch.Tensor, last_C_H_W: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """A chunk's generated frames with every pixel that changed by less than ``threshold``
+    (in every channel) from the frame before it set back to that frame's value: frame 0 is
+    compared with ``last`` (the stream's last finished frame), frame t with the held frame
+    t − 1. ``threshold = 0`` returns the frames unchanged.
+
+    Why: an x0-change model adds its predicted change to the last frame, so the small residual
+    noise of a 1-step sample is added again at every frame and a static background turns to
+    speckle within ~20 frames. In a game frame what really changes, changes by much more."""
+    if threshold <= 0:
+        return x0_T_C_H_W
+    held = []
+    before = last_C_H_W.to(x0_T_C_H_W.dtype)
+    for frame in x0_T_C_H_W:
+        still = (frame - before).abs().amax(0, keepdim=True) < threshold
+        before = torch.where(still, before, frame)
+        held.append(before)
+    return torch.stack(held)
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How one stream is generated.
@@ -182,6 +204,14 @@ class SamplerConfig:
             ``times`` (``None``: ``times`` themselves). ``times`` stay the σ of the update
             rules (``x0̂ = x_s − σ·v``, the re-noising); the unwarped Self-Forcing release feeds
             its network ``t/1000`` while its σ come from the nearest entry of its table.
+        still_threshold: generated pixels that differ from the previous frame's by less than
+            this (model space, every channel) keep the previous frame's value
+            (:func:`hold_still_pixels`; 0: off). For world models that predict the change
+            from their previous frame (``prev_frames > 0``): 8/127.5 (8 grey levels of a
+            pixel codec) keeps the shipped Breakout model's background from drifting.
+
+    Presets describe the denoising only; :meth:`streamed_like` gives one the cache window and
+    still threshold of a pipeline's own sampler.
     """
 
     kind: Literal["consistency", "euler"] = "consistency"
@@ -194,6 +224,7 @@ class SamplerConfig:
     window_frames: int | None = None
     first_chunk_frames: int | None = None
     model_times: tuple[float, ...] | None = None
+    still_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         # Every field is checked for its type as well as its range (a config may come from a
@@ -240,6 +271,21 @@ class SamplerConfig:
             if any(not 0 < x <= 1 for x in model):
                 raise ConfigError(f"model_times must be in (0, 1], got {list(model)}")
             norm("model_times", model)
+        still = _finite("still_threshold", self.still_threshold)
+        if not 0 <= still < 2:
+            raise ConfigError(f"still_threshold must be in [0, 2) (model space), got {still}")
+        norm("still_threshold", still)
+
+    def streamed_like(self, base: SamplerConfig) -> SamplerConfig:
+        """This sampler's denoising with ``base``'s stream settings: its KV-cache sink and
+        window and its still threshold (what a preset picked for a pipeline keeps of the
+        pipeline's own sampler)."""
+        return replace(
+            self,
+            sink_frames=base.sink_frames,
+            window_frames=base.window_frames,
+            still_threshold=base.still_threshold,
+        )
 
     def steps_of(self, chunk: int) -> int:
         return self.steps_per_chunk[min(chunk, len(self.steps_per_chunk) - 1)]

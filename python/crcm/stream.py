@@ -167,11 +167,7 @@ def write_video(
         raise ConfigError(f"fps must be in [0.1, 1000], got {fps}")
     sampler = pipeline.sampler
     if sampler_preset is not None:
-        sampler = replace(
-            get_preset(sampler_preset),
-            sink_frames=sampler.sink_frames,
-            window_frames=sampler.window_frames,
-        )
+        sampler = get_preset(sampler_preset).streamed_like(sampler)
     if chunk is not None:
         if chunk < 1:
             raise ConfigError(f"chunk must be >= 1 frame, got {chunk}")

@@ -160,6 +160,7 @@ def load_model(
     shift: float = DEFAULT_SHIFT,
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
+    still_threshold: float | None = None,
 ) -> WorldModel:
     """``copy-last-frame``, or a pipeline folder / shipped model name (``crcm.load``).
 
@@ -168,7 +169,8 @@ def load_model(
     model was trained to see); ``steps`` sets the steps per chunk; ``shift`` warps the teacher's
     Euler grid (match its training ``time_shift``); ``name`` labels the report; ``dtype`` the
     precision the model runs in (``torch.bfloat16``: what ``crcm play`` runs on CPUs that have
-    bfloat16 matrix instructions).
+    bfloat16 matrix instructions); ``still_threshold`` replaces the sampler's
+    (:class:`~crcm.sampling.SamplerConfig`; ``None``: the pipeline's).
     """
     if name_or_path == CopyLastFrame.name:
         return CopyLastFrame()
@@ -180,13 +182,10 @@ def load_model(
     if sampler is not None:
         base = pipe.sampler
         preset = get_preset(sampler, steps, shift=shift)
-        smp = replace(
-            preset,
-            chunk_frames=base.chunk_frames,
-            sink_frames=base.sink_frames,
-            window_frames=base.window_frames,
-        )
+        smp = replace(preset.streamed_like(base), chunk_frames=base.chunk_frames)
         steps = None
+    if still_threshold is not None:
+        smp = replace(smp or pipe.sampler, still_threshold=still_threshold)
     model = PipelineModel(pipe, sampler=smp, steps=steps)
     if name is not None:
         model.name = name
@@ -429,7 +428,12 @@ def evaluate(
         entry = {
             "sampler": None
             if smp is None
-            else {"kind": smp.kind, "steps": smp.steps_of(0), "cfg_scale": smp.cfg_scale},
+            else {
+                "kind": smp.kind,
+                "steps": smp.steps_of(0),
+                "cfg_scale": smp.cfg_scale,
+                "still_threshold": smp.still_threshold,
+            },
             "horizons": _aggregate(windows[m.name], cfg.horizons),
             **summarize(records[m.name], ctrl_h, cfg.dead_band_px),
             "seconds": round(timings[m.name], 3),

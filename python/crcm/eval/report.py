@@ -227,7 +227,8 @@ def nearest_horizon(horizons: Sequence[int], target: int) -> int:
 
 
 def _sampler_text(sampler: Mapping[str, Any] | None) -> str:
-    """``"1 step"``, ``"4 steps"``, ``"Euler 16 + CFG 3"``; ``"—"`` for copy-last-frame."""
+    """``"1 step"``, ``"4 steps"``, ``"Euler 16 + CFG 3"``, ``"1 step, still < 16 grey"`` (a
+    still threshold, in grey levels of a pixel codec); ``"—"`` for copy-last-frame."""
     if not sampler:
         return MISSING
     steps = sampler.get("steps")
@@ -239,6 +240,9 @@ def _sampler_text(sampler: Mapping[str, Any] | None) -> str:
         text = f"{steps} step{'' if steps == 1 else 's'}" if steps is not None else str(kind)
     if cfg is not None and cfg != 1.0:
         text += f" + CFG {cfg:g}"
+    still = _number(sampler.get("still_threshold"))
+    if still:
+        text += f", still < {still * 127.5:.0f} grey"
     return text
 
 

@@ -56,7 +56,7 @@ from crcm.models import CausalDiT
 from crcm.models.dit import CrossKV
 from crcm.runtime.attention import RowPages, select_backend
 from crcm.runtime.kv_cache import PagedKVCache
-from crcm.sampling import SamplerConfig, consistency_step, euler_step
+from crcm.sampling import SamplerConfig, consistency_step, euler_step, hold_still_pixels
 
 DENOISE, CACHE_UPDATE = 0, 1
 
@@ -239,8 +239,7 @@ class Executor:
                 noise = self._noise(st, T) if s_next > 0 else torch.zeros_like(st.x)
                 x0, st.x = consistency_step(st.x, v, s, s_next, noise)
             if plan.emits_frames[i]:
-                st.x0 = x0
-                self._finish_chunk(st, x0)
+                st.x0 = x0 = self._finish_chunk(st, x0)
                 finished.append((st, x0, int(plan.frame_start[i])))
         if finished:
             self._emit(finished)
@@ -267,13 +266,19 @@ class Executor:
             history = None if st.history is None else st.history[None]
             st.prev = self.model.next_frame_previous(history, st.x[None])[0]
 
-    def _finish_chunk(self, st: StreamState, x0: torch.Tensor) -> None:
+    def _finish_chunk(self, st: StreamState, x0: torch.Tensor) -> torch.Tensor:
+        """Records a finished chunk in the stream's history; returns its frames as emitted
+        (generated pixels that barely changed held at the frame before, when the sampler
+        has a still threshold)."""
+        if not st.forced and st.history is not None:
+            x0 = hold_still_pixels(x0, st.history[-1], st.sampler.still_threshold)
         k = self.model.cfg.prev_frames
         if k:
             frames = x0 if st.history is None else torch.cat([st.history, x0])
             st.history = frames[-k:]
         if st.forced and st.context_used >= st.context.shape[0]:
             st.context = None  # the prefill is done; free it
+        return x0
 
     def _remember_writes(
         self,

@@ -393,6 +393,11 @@ class Runtime:
             raise ConfigError(f"admission must be 'refuse' or 'queue', got {admission!r}")
         seed = _seed_arg("seed", seed)
         context_x, context_ids = self._context(context, context_actions, sampler, needs_actions)
+        if sampler.still_threshold and not self.pipeline.model.cfg.prev_frames:
+            raise ConfigError(
+                "still_threshold holds pixels at the previous frame's value, which only models "
+                "with prev_frames > 0 keep; set it to 0 for this model"
+            )
         guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
         encoder = self.pipeline.text_encoder
         if prompt is not None and cond is not None:
@@ -544,9 +549,7 @@ class Runtime:
         if isinstance(sampler, str):
             one = schedule[0] if schedule is not None and len(schedule) == 1 else None
             preset = get_preset(sampler, one)
-            sampler = replace(
-                preset, sink_frames=base.sink_frames, window_frames=base.window_frames
-            )
+            sampler = preset.streamed_like(base)
         elif sampler is None:
             sampler = base
         elif not isinstance(sampler, SamplerConfig):

@@ -124,6 +124,9 @@ class TrainConfig:
     # the true frames; the targets stay true. It shows the model the frames it will stream
     # from and trains it to pull the next frame back to the data (scheduled sampling).
     self_context: float = 0.0
+    # ... and that context is the model's own rollout this many frames deep (1: each frame
+    # predicted from true frames; clip frames − 1: the whole clip generated frame by frame).
+    self_context_depth: int = 1
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None
@@ -174,6 +177,17 @@ class TrainConfig:
         need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
         need(0 <= self.action_dropout < 1, "action_dropout must be in [0, 1)")
         need(self.change_weight >= 0, f"change_weight must be >= 0, got {self.change_weight}")
+        need(
+            0 <= self.context_noise <= 1,
+            f"context_noise must be in [0, 1], got {self.context_noise}",
+        )
+        need(
+            0 <= self.self_context <= 1, f"self_context must be in [0, 1], got {self.self_context}"
+        )
+        need(
+            self.self_context_depth >= 1,
+            f"self_context_depth must be >= 1, got {self.self_context_depth}",
+        )
         need(
             self.time_weight in ("default", "bell", "uniform", "x0"),
             f'time_weight must be "default", "bell", "uniform" or "x0", got {self.time_weight!r}',

@@ -330,6 +330,7 @@ def tf_teacher_loss(
     weight: Callable[[Tensor], Tensor] | None = bell_weight,
     context_noise: float = 0.0,
     self_context: float = 0.0,
+    self_context_depth: int = 1,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
@@ -347,6 +348,10 @@ def tf_teacher_loss(
     scheduled sampling: with that probability a clip's context (and previous frames) is the
     model's own 1-step prediction of each frame (:func:`own_predictions`), the targets the true
     frames, so that it learns to continue from what it streams, not only from data.
+    ``self_context_depth = d`` makes that context the model's own rollout ``d`` frames deep:
+    the predictions are made again from the last predictions, ``d`` times, so that a frame's
+    context carries the errors of up to ``d`` generated frames in a row, as a stream's does
+    (``d ≥ T − 1`` is the whole clip generated from its history, frame by frame).
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -365,8 +370,15 @@ def tf_teacher_loss(
         raise ValueError(f"self_context must lie in [0, 1], got {self_context}")
     context = x0_B_T_C_H_W
     if self_context > 0:
-        own = own_predictions(
-            model, x0_B_T_C_H_W, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
+        own = own_rollout(
+            model,
+            x0_B_T_C_H_W,
+            self_context_depth,
+            chunk_frames,
+            cond,
+            actions_B_T,
+            history_B_K_C_H_W,
+            generator,
         )
         pick_B = torch.rand(B, generator=generator, device=device) < self_context
         context = torch.where(pick_B[:, None, None, None, None], own, x0_B_T_C_H_W)
@@ -389,6 +401,31 @@ def tf_teacher_loss(
 
 
 @torch.no_grad()
+def own_rollout(
+    model: CausalDiT,
+    x0_B_T_C_H_W: Tensor,
+    depth: int,
+    chunk_frames: int,
+    cond: Tensor | None,
+    actions_B_T: Tensor | None,
+    history_B_K_C_H_W: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`own_predictions` made again from its own output ``depth`` times: chunk ``n`` is
+    then generated from the model's frames of the ``depth − 1`` chunks before it (and true
+    frames before those), so ``depth ≥ T / chunk_frames`` is the clip generated chunk by chunk
+    from its history alone, as a stream generates it (with fresh noise per pass)."""
+    if depth < 1:
+        raise ValueError(f"self_context_depth must be >= 1, got {depth}")
+    own = x0_B_T_C_H_W
+    for _ in range(depth):
+        own = own_predictions(
+            model, own, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
+        )
+    return own
+
+
+@torch.no_grad()
 def own_predictions(
     model: CausalDiT,
     x0_B_T_C_H_W: Tensor,
@@ -399,8 +436,8 @@ def own_predictions(
     generator: torch.Generator | None,
 ) -> Tensor:
     """The model's 1-step prediction ``x0̂ = x_1 − v_θ(x_1, 1 | x0_<chunk)`` of every chunk
-    of the clip from pure noise, given the true frames before it (one teacher-forced forward,
-    no gradient): what 1-step streaming would show in place of each frame."""
+    of the clip from pure noise, given the frames of ``x0`` before it (one teacher-forced
+    forward, no gradient): what 1-step streaming would show in place of each frame."""
     B = x0_B_T_C_H_W.shape[0]
     noise = _randn_like(x0_B_T_C_H_W, generator)
     ones_B = torch.ones(B, dtype=x0_B_T_C_H_W.dtype, device=x0_B_T_C_H_W.device)

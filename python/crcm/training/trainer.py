@@ -287,7 +287,11 @@ class _Stage:
         elif cfg.stage in ("teacher-tf", "teacher-df"):
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
             extra = (
-                {"context_noise": cfg.context_noise, "self_context": cfg.self_context}
+                {
+                    "context_noise": cfg.context_noise,
+                    "self_context": cfg.self_context,
+                    "self_context_depth": cfg.self_context_depth,
+                }
                 if cfg.stage == "teacher-tf"
                 else {}
             )

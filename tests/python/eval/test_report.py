@@ -434,3 +434,12 @@ def test_eval_table_command_writes_files(
     args = parser.parse_args(["eval-table", str(two_reports[0])])
     assert args.func(args) == 0
     assert capsys.readouterr().out == markdown_table(load_reports(two_reports[:1]))
+
+
+def test_the_sampler_column_names_a_still_threshold():
+    from crcm.eval.report import _sampler_text
+
+    one_step = {"kind": "consistency", "steps": 1, "cfg_scale": 1.0}
+    assert _sampler_text({**one_step, "still_threshold": 0.0}) == "1 step"
+    held = {**one_step, "still_threshold": 16 / 127.5}
+    assert _sampler_text(held) == "1 step, still < 16 grey"

@@ -8,6 +8,8 @@ executor, a session opened on ground-truth context) hands the model the same fra
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from crcm.models import CausalDiT, get_config
 from crcm.models.dit import preceding_frames
 from crcm.pipeline import Pipeline
 from crcm.runtime import Runtime
-from crcm.sampling import SamplerConfig
+from crcm.sampling import SamplerConfig, hold_still_pixels
 from crcm.training import objectives as obj
 from crcm.training.jvp import model_jvp
 from crcm.training.self_forcing import self_forcing_rollout
@@ -407,3 +409,105 @@ def test_self_context_trains_on_the_models_own_frames():
     assert model.patch_embedding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="self_context"):
         obj.tf_teacher_loss(model, x0, self_context=1.5)
+
+
+def test_own_rollout_generates_the_clip_from_its_history_alone():
+    model = randomized(CausalDiT(WM)).eval()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=g)
+    other = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=g)
+    history = torch.randn(2, WM.prev_frames, WM.in_channels, *WM.frame_hw, generator=g)
+
+    def rollout(clip, depth):
+        return obj.own_rollout(
+            model, clip, depth, 1, None, None, history, torch.Generator().manual_seed(1)
+        )
+
+    # depth 1: each frame is predicted from the true frames before it, so the clip matters;
+    # depth T: every frame comes from the model's own earlier frames and the history.
+    assert not torch.allclose(rollout(x0, 1)[:, 1:], rollout(other, 1)[:, 1:])
+    torch.testing.assert_close(rollout(x0, 3), rollout(other, 3))
+    # one pass less, and the last frame still sees a true frame
+    assert not torch.allclose(rollout(x0, 2)[:, 2], rollout(other, 2)[:, 2])
+    with pytest.raises(ValueError, match="self_context_depth"):
+        rollout(x0, 0)
+
+
+def test_hold_still_pixels_keeps_what_barely_changed_at_the_frame_before():
+    last = torch.zeros(3, 2, 2)
+    chunk = torch.zeros(2, 3, 2, 2)
+    chunk[0, :, 0, 0] = 0.05  # under the threshold in every channel: held at 0
+    chunk[0, 1, 0, 1] = 0.5  # one channel over it: the pixel is kept whole
+    chunk[0, 0, 0, 1] = 0.01
+    chunk[1] = chunk[0]
+    chunk[1, :, 1, 1] = 0.05  # frame 1 is compared with frame 0 as held
+    held = hold_still_pixels(chunk, last, 0.1)
+    assert held[0, :, 0, 0].eq(0).all()
+    torch.testing.assert_close(held[0, :, 0, 1], torch.tensor([0.01, 0.5, 0.0]))
+    assert held[1, :, 1, 1].eq(0).all() and held[1, :, 0, 0].eq(0).all()
+    assert hold_still_pixels(chunk, last, 0.0) is chunk
+
+
+def test_a_still_threshold_holds_the_streams_barely_changed_pixels(world_model):
+    """Each generated frame equals the frame the threshold-free sampler gives, except that the
+    pixels it changed by less than the threshold keep the frame before's value; a pipeline's
+    threshold carries over to a preset picked by name."""
+    # A model whose changes are small enough that the decoder clips none of them.
+    model = randomized(CausalDiT(WM))
+    model.head.head.weight.mul_(0.1)
+    model.head.head.bias.zero_()
+    pipe = replace(world_model, model=model)
+    K, N = 3, 4
+    context = np.random.default_rng(1).integers(64, 192, (K, *pipe.frame_shape), dtype=np.uint8)
+    base = SamplerConfig(chunk_frames=1, steps_per_chunk=(1,), window_frames=8)
+
+    def stream(threshold: float) -> np.ndarray:
+        smp = replace(base, still_threshold=threshold)
+        rt = Runtime(replace(pipe, sampler=smp), max_streams=1, context_frames=8)
+        session = rt.open(
+            sampler="consistency",
+            seed=2,
+            max_frames=K + N,
+            context=context,
+            context_actions=[0, 1, 2],
+        )
+        assert session.sampler.still_threshold == threshold
+        session.push_actions([3, 2, 0, 1])
+        rt.run_until_idle()
+        return np.stack(session.read()).astype(int)
+
+    free = stream(0.0)
+    # The threshold applies in model space: per model pixel, over its channels (a pixel codec
+    # with space-to-depth packs a patch of frame pixels into one model pixel's channels).
+    encode = pipe.codec.encode
+    last, first = (
+        encode(torch.from_numpy(f[None, None].astype(np.uint8)))[0, 0]
+        for f in (context[-1], free[K])
+    )
+    change = (first - last).abs().amax(0)
+    threshold = float(change.median())
+    held = stream(threshold)
+    small = change < threshold
+    assert 0.2 < small.float().mean() < 0.8
+    # Frame K: from the same noise and context, so the held pixels are exactly the small
+    # changes (pixels within one grey level of the threshold are not judged: rounding).
+    expected = pipe.codec.decode(torch.where(small, last, first)[None, None])[0, 0].numpy()
+    grey = 1 / 127.5
+    clear = (change - threshold).abs() > grey
+    clear = pipe.codec.decode(clear[None, None].expand(1, 1, *last.shape).float() * 2 - 1)
+    clear = clear[0, 0].numpy() == 255
+    assert clear.mean() > 0.9
+    np.testing.assert_allclose(held[K][clear], expected.astype(int)[clear], atol=1)
+    assert not np.array_equal(held[K + 1 :], free[K + 1 :])  # later frames build on it
+
+
+def test_a_still_threshold_is_checked(world_model):
+    with pytest.raises(Exception, match="still_threshold"):
+        SamplerConfig(still_threshold=-0.1)
+    with pytest.raises(Exception, match="still_threshold"):
+        SamplerConfig(still_threshold=float("nan"))
+    plain = Pipeline.from_config("tiny", seed=0)
+    rt = Runtime(plain, max_streams=1, context_frames=8)
+    with pytest.raises(Exception, match="prev_frames"):
+        rt.open(sampler=SamplerConfig(still_threshold=0.05), seed=0, cond=0)
+    assert rt.stats()["pages_used"] == 0
