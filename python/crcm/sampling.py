@@ -161,24 +161,31 @@ def euler_step(
     return x_s - s * v, x_s + (s_next - s) * v
 
 
-def hold_still_pixels(
-    x0_T_C_H_W: torch.Tensor, last_C_H_W: torch.Tensor, threshold: float
-) -> torch.Tensor:
-    """A chunk's generated frames with every pixel that changed by less than ``threshold``
-    (in every channel) from the frame before it set back to that frame's value: frame 0 is
-    compared with ``last`` (the stream's last finished frame), frame t with the held frame
-    t − 1. ``threshold = 0`` returns the frames unchanged.
+def hold_still(x: torch.Tensor, before: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x`` with every pixel that differs from ``before`` by less than ``threshold`` in every
+    channel (dim −3) set to ``before``'s value; ``threshold = 0`` returns ``x`` itself.
 
     Why: an x0-change model adds its predicted change to the last frame, so the small residual
     noise of a 1-step sample is added again at every frame and a static background turns to
     speckle within ~20 frames. In a game frame what really changes, changes by much more."""
     if threshold <= 0:
+        return x
+    still = (x - before).abs().amax(-3, keepdim=True) < threshold
+    return torch.where(still, before.to(x.dtype), x)
+
+
+def hold_still_pixels(
+    x0_T_C_H_W: torch.Tensor, last_C_H_W: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """A stream's chunk of generated frames held still (:func:`hold_still`) frame by frame:
+    frame 0 against ``last`` (the stream's last finished frame), frame t against the held
+    frame t − 1."""
+    if threshold <= 0:
         return x0_T_C_H_W
     held = []
     before = last_C_H_W.to(x0_T_C_H_W.dtype)
     for frame in x0_T_C_H_W:
-        still = (frame - before).abs().amax(0, keepdim=True) < threshold
-        before = torch.where(still, before, frame)
+        before = hold_still(frame, before, threshold)
         held.append(before)
     return torch.stack(held)
 
@@ -206,7 +213,7 @@ class SamplerConfig:
             its network ``t/1000`` while its σ come from the nearest entry of its table.
         still_threshold: generated pixels that differ from the previous frame's by less than
             this (model space, every channel) keep the previous frame's value
-            (:func:`hold_still_pixels`; 0: off). For world models that predict the change
+            (:func:`hold_still`; 0: off). For world models that predict the change
             from their previous frame (``prev_frames > 0``): 8/127.5 (8 grey levels of a
             pixel codec) keeps the shipped Breakout model's background from drifting.
 

@@ -127,6 +127,10 @@ class TrainConfig:
     # ... and that context is the model's own rollout this many frames deep (1: each frame
     # predicted from true frames; clip frames − 1: the whole clip generated frame by frame).
     self_context_depth: int = 1
+    # The sampler's still threshold (crcm.sampling.SamplerConfig; model space): the run's
+    # pipeline streams with it, and teacher-tf's own-rollout context is held the same way.
+    # None: the init pipeline's (0 for a model from scratch).
+    still_threshold: float | None = None
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None
@@ -183,6 +187,10 @@ class TrainConfig:
         )
         need(
             0 <= self.self_context <= 1, f"self_context must be in [0, 1], got {self.self_context}"
+        )
+        need(
+            self.still_threshold is None or 0 <= self.still_threshold < 2,
+            f"still_threshold must be in [0, 2) (model space), got {self.still_threshold}",
         )
         need(
             self.self_context_depth >= 1,

@@ -33,7 +33,7 @@ from torch.func import jvp
 from crcm.kernels._common import Backend
 from crcm.masks import Mask, block_causal_mask, teacher_forcing_mask
 from crcm.models.dit import CausalDiT
-from crcm.sampling import DEFAULT_SHIFT, euler_step, euler_times
+from crcm.sampling import DEFAULT_SHIFT, euler_step, euler_times, hold_still
 from crcm.training.jvp import model_jvp
 from crcm.training.timesteps import (
     add_noise,
@@ -331,6 +331,7 @@ def tf_teacher_loss(
     context_noise: float = 0.0,
     self_context: float = 0.0,
     self_context_depth: int = 1,
+    still_threshold: float = 0.0,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
@@ -351,7 +352,8 @@ def tf_teacher_loss(
     ``self_context_depth = d`` makes that context the model's own rollout ``d`` frames deep:
     the predictions are made again from the last predictions, ``d`` times, so that a frame's
     context carries the errors of up to ``d`` generated frames in a row, as a stream's does
-    (``d ≥ T − 1`` is the whole clip generated from its history, frame by frame).
+    (``d ≥ T − 1`` is the whole clip generated from its history, frame by frame), with the
+    sampler's ``still_threshold`` applied to every generated frame as the stream applies it.
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -379,6 +381,7 @@ def tf_teacher_loss(
             actions_B_T,
             history_B_K_C_H_W,
             generator,
+            still_threshold=still_threshold,
         )
         pick_B = torch.rand(B, generator=generator, device=device) < self_context
         context = torch.where(pick_B[:, None, None, None, None], own, x0_B_T_C_H_W)
@@ -410,18 +413,27 @@ def own_rollout(
     actions_B_T: Tensor | None,
     history_B_K_C_H_W: Tensor | None,
     generator: torch.Generator | None,
+    *,
+    still_threshold: float = 0.0,
 ) -> Tensor:
     """:func:`own_predictions` made again from its own output ``depth`` times: chunk ``n`` is
     then generated from the model's frames of the ``depth − 1`` chunks before it (and true
     frames before those), so ``depth ≥ T / chunk_frames`` is the clip generated chunk by chunk
-    from its history alone, as a stream generates it (with fresh noise per pass)."""
+    from its history alone, as a stream generates it (with fresh noise per pass).
+    ``still_threshold`` holds each generated frame's barely changed pixels at the frame it was
+    predicted from (:func:`crcm.sampling.hold_still`), as the runtime does."""
     if depth < 1:
         raise ValueError(f"self_context_depth must be >= 1, got {depth}")
     own = x0_B_T_C_H_W
+    C = x0_B_T_C_H_W.shape[2]
     for _ in range(depth):
-        own = own_predictions(
+        predicted = own_predictions(
             model, own, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
         )
+        if still_threshold > 0:
+            last = model.previous_frames(own, history_B_K_C_H_W)[:, :, -C:]
+            predicted = hold_still(predicted, last, still_threshold)
+        own = predicted
     return own
 
 

@@ -137,6 +137,10 @@ class _Stage:
             self.pipeline = Pipeline.from_config(
                 cfg.model, seed=cfg.seed, sampler=SamplerConfig(window_frames=max(window, 1))
             )
+        if cfg.still_threshold is not None:
+            self.pipeline.sampler = replace(
+                self.pipeline.sampler, still_threshold=cfg.still_threshold
+            )
         self.student = self.pipeline.model.to(device).train()
         self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
 
@@ -291,6 +295,7 @@ class _Stage:
                     "context_noise": cfg.context_noise,
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
+                    "still_threshold": self.pipeline.sampler.still_threshold,
                 }
                 if cfg.stage == "teacher-tf"
                 else {}

@@ -431,6 +431,22 @@ def test_own_rollout_generates_the_clip_from_its_history_alone():
     assert not torch.allclose(rollout(x0, 2)[:, 2], rollout(other, 2)[:, 2])
     with pytest.raises(ValueError, match="self_context_depth"):
         rollout(x0, 0)
+    # A still threshold holds each frame at the frame it was predicted from, as streaming does:
+    # held everywhere (a threshold above any change), depth 1 is the clip shifted
+    # by one frame after the history, depth 3 the history's last frame throughout.
+    held = obj.own_rollout(model, x0, 1, 1, None, None, history, None, still_threshold=1e3)
+    torch.testing.assert_close(held, torch.cat([history[:, -1:], x0[:, :-1]], 1))
+    held = obj.own_rollout(model, x0, 3, 1, None, None, history, None, still_threshold=1e3)
+    torch.testing.assert_close(held, history[:, -1:].expand_as(x0))
+    free = rollout(x0, 1)
+    last = torch.cat([history[:, -1:], x0[:, :-1]], 1)
+    change = (free - last).abs().amax(2, keepdim=True)
+    threshold = float(change.median())
+    gen = torch.Generator().manual_seed(1)
+    some = obj.own_rollout(model, x0, 1, 1, None, None, history, gen, still_threshold=threshold)
+    small = change < threshold
+    assert 0.3 < small.float().mean() < 0.7
+    torch.testing.assert_close(some, torch.where(small, last, free))
 
 
 def test_hold_still_pixels_keeps_what_barely_changed_at_the_frame_before():
