@@ -303,3 +303,23 @@ def test_eval_command_writes_json(tmp_path: Path) -> None:
     assert args.func(args) == 0
     report = json.loads(out.read_text())
     assert report["model"] == "copy-last-frame" and report["horizons"] == [1, 8]
+
+
+def test_load_model_sets_the_still_threshold() -> None:
+    """The shipped model streams with its still threshold; ``crcm eval --still-grey`` (and a
+    preset by name) replaces or keeps it."""
+    from crcm.cli_data import add_eval_parser
+    from crcm.eval.harness import load_model
+
+    shipped = load_model("breakout")
+    assert shipped.sampler.still_threshold == pytest.approx(16 / 127.5)
+    assert load_model("breakout", sampler="consistency", steps=1).sampler.still_threshold == (
+        shipped.sampler.still_threshold
+    )
+    assert load_model("breakout", still_threshold=0.0).sampler.still_threshold == 0.0
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["eval", "--model", "breakout", "--out", "r.json", "--still-grey", "8"]
+    )
+    assert args.still_grey == 8.0
