@@ -45,6 +45,24 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _policy_mix(text: str) -> tuple[tuple[str, float], ...]:
+    """``tracker:0.5,keys:0.5`` → ``(("tracker", 0.5), ("keys", 0.5))`` (names are checked by
+    the collection, against the registered policies)."""
+    mix = []
+    for item in text.split(","):
+        name, _, weight = item.partition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"expected NAME:WEIGHT,... with positive weights, got {text!r}"
+            )
+        mix.append((name.strip(), value))
+    return tuple(mix)
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     from crcm.data.dataset import AtariDataset, CollectConfig, collect
 
@@ -61,6 +79,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         seed=args.seed,
         episodes_per_shard=args.shard_episodes,
+        **({} if args.policies is None else {"policy_mix": args.policies}),
     )
     folder = collect(args.out, cfg, progress=not args.quiet)
     ds = AtariDataset(folder, verify=False)
@@ -160,6 +179,13 @@ def add_collect_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive, default=2000, help="steps per episode cap")
     p.add_argument("--seed", type=int, default=0, help="first training seed (0)")
     p.add_argument("--shard-episodes", type=_positive, default=16, help="episodes per shard")
+    p.add_argument(
+        "--policies",
+        type=_policy_mix,
+        help="policy mix, NAME:WEIGHT,... (tracker:0.75,random:0.25); policies: "
+        "tracker (follows the ball), random (a random action each step), keys (an action held "
+        "1-48 steps, as a person at the keyboard)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_collect)
     return p

@@ -252,6 +252,28 @@ class _Tracker:
         return 2 if error > 0 else 3  # RIGHT / LEFT
 
 
+@dataclass
+class _HeldKeys:
+    """A person at the keyboard: one action held for 1–48 steps (log-uniform, so short taps
+    and multi-second holds are both common), then another. In Breakout it drives the paddle
+    into a wall and keeps it there, then away from it, which the ball-tracking policy rarely
+    does and ``crcm play`` users do all the time."""
+
+    held: int = 0
+    left: int = 0
+
+    def __call__(self, env: AtariEnv, rng: np.random.Generator) -> int:
+        if self.left <= 0:
+            self.held = int(rng.integers(env.num_actions))
+            self.left = int(np.exp(rng.uniform(0.0, np.log(49.0))))
+        self.left -= 1
+        return self.held
+
+
+def _keys_factory(rng: np.random.Generator) -> Policy:
+    return _HeldKeys()
+
+
 def _tracker_factory(rng: np.random.Generator) -> Policy:
     return _Tracker(epsilon=float(rng.uniform(0.05, 0.4)), offset=float(rng.uniform(-7, 7)))
 
@@ -264,6 +286,7 @@ def _random_factory(rng: np.random.Generator) -> Policy:
 POLICIES: dict[str, tuple[Callable[[np.random.Generator], Policy], tuple[str, ...] | None]] = {
     "random": (_random_factory, None),
     "tracker": (_tracker_factory, ("breakout",)),
+    "keys": (_keys_factory, None),
 }
 
 

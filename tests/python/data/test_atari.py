@@ -85,3 +85,18 @@ def test_tracker_plays_better_than_random(env: AtariEnv) -> None:
 def test_tracker_is_breakout_only() -> None:
     with pytest.raises(ConfigError, match="plays only breakout"):
         run_episode(AtariEnv("pong"), "tracker", 0, max_steps=5)
+
+
+def test_keys_policy_holds_each_action_like_a_person(env: AtariEnv) -> None:
+    """Runs of one action last 1–48 steps, long ones included, and drive the paddle into a
+    wall and away from it (what the ball-tracking policy rarely does)."""
+    ep = run_episode(env, "keys", 0, max_steps=600)
+    actions = np.asarray(ep.actions[1:])  # after the reset frame's
+    # Lengths of the runs of one action: the gaps between the steps where it changes.
+    changes = np.flatnonzero(np.diff(actions)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [len(actions)]]))
+    # Consecutive holds can draw the same action, so a run may exceed one hold.
+    assert max(runs) >= 20 and np.median(runs) >= 3
+    assert set(actions.tolist()) == {0, 1, 2, 3}
+    again = run_episode(env, "keys", 0, max_steps=600)
+    np.testing.assert_array_equal(again.actions, ep.actions)  # a pure function of the seed

@@ -136,6 +136,17 @@ def test_collect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     )
     assert args.func(args) == 0
     assert "2 episodes (1 train, 1 eval)" in capsys.readouterr().out
+    out = tmp_path / "keys"
+    argv = ["collect", "--episodes", "2", "--out", str(out), "--max-steps", "10", "--quiet"]
+    args = parser.parse_args([*argv, "--policies", "keys:1"])
+    assert args.func(args) == 0
+    assert {e[3] for e in AtariDataset(out).manifest["plan"]} == {"keys"}
+    for bad in ("keys", "keys:0", "keys:x", ":1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--policies", bad])
+    args = parser.parse_args([*argv[:-1], "--out", str(tmp_path / "e"), "--policies", "nope:1"])
+    with pytest.raises(CrcmError, match="unknown policy 'nope'"):
+        args.func(args)
     args = parser.parse_args(["collect", "--game", "nope", "--out", str(tmp_path / "d")])
     with pytest.raises(CrcmError, match="unknown Atari game"):  # main prints it, exit 2
         args.func(args)
