@@ -1058,9 +1058,10 @@ async def _within(coro, timeout: float) -> bool:
     finally:
         if not task.done():
             task.cancel()
-            # It may still end with an error (the client went away meanwhile): retrieve it,
-            # or asyncio logs "Task exception was never retrieved".
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        # It may end with an error (the client went away meanwhile), also just as this
+        # coroutine is cancelled, when nobody reads its result: retrieve it, or asyncio logs
+        # "Task exception was never retrieved".
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
     if not done:
         return False
     task.result()
