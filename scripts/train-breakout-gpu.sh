@@ -35,13 +35,20 @@ train() {  # train STAGE RECIPE SECONDS [KEY=VALUE...]
 
 [ -f data/breakout/manifest.json ] ||
   crcm collect --game breakout --episodes 150 --eval-episodes 16 --out data/breakout --quiet
+[ -f data/breakout-keys/manifest.json ] ||
+  crcm collect --game breakout --episodes 150 --eval-episodes 4 \
+    --policies tracker:0.5,random:0.2,keys:0.3 --out data/breakout-keys --quiet
 train base 0-base 40 batch_size=32 steps=100000
 
 tf_teacher_ready() {
   while [ ! -f runs/breakout/teacher-tf/pipeline/model.safetensors ]; do sleep 2; done
 }
 chain_a() {  # Causal-rCM, then joint rCM
-  train teacher-tf 1-teacher-tf 80 batch_size=32 steps=100000
+  # The teacher's four parts (docs/breakout-model.md), 80 s in all.
+  train teacher-tf 1-teacher-tf-motion 30 batch_size=32 steps=100000
+  train teacher-tf 1-teacher-tf-static 15 batch_size=32 steps=100000
+  train teacher-tf 1-teacher-tf-sampling 20 batch_size=32 steps=100000
+  train teacher-tf 1-teacher-tf 15 batch_size=32 steps=100000
   train tf-scm causal-rcm/2-tf-scm 60 batch_size=32 steps=100000
   train sf-dmd causal-rcm/3-sf-dmd 90 batch_size=16 steps=100000
   train joint-rcm joint-rcm/2-joint-rcm 60 batch_size=16 steps=100000

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped Breakout world model (python/crcm/training/recipes/breakout/) on a CPU:
-# the data, the TF teacher, then TF-sCM beside the bidirectional base model (the DMD real
-# score), then SF-DMD. With --all it also trains the baselines of the recipe comparison
+# the data (two datasets), the 4-part TF teacher, then TF-sCM beside the bidirectional base
+# model (the DMD real score), then SF-DMD. With --all it also trains the baselines of the recipe comparison
 # (Self-Forcing, Causal Forcing, joint rCM), two chains side by side.
 #
 #   bash scripts/train-breakout.sh [WORKDIR] [--all]     # default WORKDIR: ./breakout-work
@@ -20,10 +20,14 @@ train() {  # train STAGE RECIPE THREADS
 }
 
 crcm collect --game breakout --episodes 150 --eval-episodes 16 --out data/breakout --quiet
+# The teacher's last part and every later stage: keys held as a person holds them.
+crcm collect --game breakout --episodes 150 --eval-episodes 4 \
+  --policies tracker:0.5,random:0.2,keys:0.3 --out data/breakout-keys --quiet
 # The teacher is the long pole: both cores. Then two one-thread processes side by side (on 2
 # cores they get more done than one two-thread process at this model size).
 train teacher-tf 1-teacher-tf-motion 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf-static 2 >> logs/main.log 2>&1
+train teacher-tf 1-teacher-tf-sampling 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf 2 >> logs/main.log 2>&1
 train tf-scm causal-rcm/2-tf-scm 1 >> logs/main.log 2>&1 &
 a=$!
