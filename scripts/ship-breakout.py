@@ -3,10 +3,10 @@
     python scripts/ship-breakout.py breakout-work/runs/breakout/causal-rcm/sf-dmd/pipeline
 
 The EMA weights are stored in float16 (half the bytes; ``crcm.load`` returns float32), and the
-shipped sampler is the recipe's 1-step consistency sampler with the run's KV window and a
-still threshold of 16 grey levels (docs/breakout-model.md). The
-pipeline's opening frames (where play and demo sessions begin) are the emulator's first screens
-after a reset: the reset frame, then FIRE (the ball is served) and NOOPs.
+shipped sampler is the recipe's 1-step consistency sampler with the run's KV window and a still
+threshold of 16 grey levels (docs/breakout-model.md). The pipeline's opening frames (where play
+and demo sessions begin) are the emulator's first screens after a reset: the reset frame, then
+FIRE (the ball is served) and NOOPs.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ against the emulator, and comparison of evaluation reports.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 __all__ = ["add_collect_parser", "add_eval_parser", "add_eval_table_parser"]
@@ -54,8 +55,8 @@ def _policy_mix(text: str) -> tuple[tuple[str, float], ...]:
         try:
             value = float(weight)
         except ValueError:
-            value = float("nan")
-        if not name.strip() or not value > 0 or value == float("inf"):
+            value = 0.0  # refused below, as a weight of 0 is
+        if not name.strip() or not 0 < value < math.inf:  # NaN fails the comparison too
             raise argparse.ArgumentTypeError(
                 f"expected NAME:WEIGHT,... with positive weights, got {text!r}"
             )

@@ -214,8 +214,9 @@ class SamplerConfig:
         still_threshold: generated pixels that differ from the previous frame's by less than
             this (model space, every channel) keep the previous frame's value
             (:func:`hold_still`; 0: off). For world models that predict the change
-            from their previous frame (``prev_frames > 0``): 8/127.5 (8 grey levels of a
-            pixel codec) keeps the shipped Breakout model's background from drifting.
+            from their previous frame (``prev_frames > 0``): the shipped Breakout model
+            streams with 16/127.5 (16 grey levels of a pixel codec), which keeps its
+            background from drifting.
 
     Presets describe the denoising only; :meth:`streamed_like` gives one the cache window and
     still threshold of a pipeline's own sampler.
