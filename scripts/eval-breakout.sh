@@ -21,13 +21,16 @@ add() {  # add REPORT_NAME LABEL PIPELINE [crcm eval options...]
   if [ ! -f "$model/model.safetensors" ]; then echo "skipping $label: no $model" >&2; return; fi
   jobs+=("crcm eval --quiet --episodes 8 --starts 2 --model $model --name '$label' --out $out/$name.json $*")
 }
-add teacher-tf "teacher TF (Euler 16 + CFG 3)" "$runs/teacher-tf/pipeline" --sampler teacher --steps 16 --shift 1
+# Each recipe's stages from the same TF teacher, at its pipeline's own sampler (1 step per frame
+# and the still threshold it was trained with) with 1, 2 and 4 steps per frame. Causal-rCM ships
+# its TF-sCM stage: SF-DMD, scored by the short base run, made it worse (docs/breakout-model.md).
 for steps in 1 2 4; do
-  add "causal-rcm-$steps" "Causal-rCM, $steps-step" "$runs/causal-rcm/sf-dmd/pipeline" --steps "$steps"
+  add "causal-rcm-$steps" "Causal-rCM, $steps-step" "$runs/causal-rcm/tf-scm/pipeline" --steps "$steps"
+  add "causal-rcm-sf-dmd-$steps" "Causal-rCM + SF-DMD, $steps-step" "$runs/causal-rcm/sf-dmd/pipeline" --steps "$steps"
+  add "causal-forcing-tf-dcm-$steps" "Causal Forcing (TF-dCM), $steps-step" "$runs/causal-forcing/tf-dcm/pipeline" --steps "$steps"
+  add "causal-forcing-$steps" "Causal Forcing (TF-dCM + SF-DMD), $steps-step" "$runs/causal-forcing/sf-dmd/pipeline" --steps "$steps"
   add "self-forcing-$steps" "Self-Forcing, $steps-step" "$runs/self-forcing/sf-dmd/pipeline" --steps "$steps"
-  add "causal-forcing-$steps" "Causal Forcing, $steps-step" "$runs/causal-forcing/sf-dmd/pipeline" --steps "$steps"
   add "joint-rcm-$steps" "joint rCM, $steps-step" "$runs/joint-rcm/pipeline" --steps "$steps"
-  add "tf-scm-$steps" "TF-sCM only, $steps-step" "$runs/causal-rcm/tf-scm/pipeline" --steps "$steps"
 done
 export OMP_NUM_THREADS=1
 if [ "${#jobs[@]}" -gt 0 ]; then
@@ -35,6 +38,6 @@ if [ "${#jobs[@]}" -gt 0 ]; then
   printf '%s\n' "${jobs[@]}" | xargs -d '\n' -P 2 -I{} bash -c '{}'
 fi
 shopt -s nullglob
-crcm eval-table "$out"/teacher-tf.json "$out"/causal-rcm-*.json "$out"/self-forcing-*.json \
-  "$out"/causal-forcing-*.json "$out"/joint-rcm-*.json "$out"/tf-scm-*.json \
+crcm eval-table "$out"/causal-rcm-*.json "$out"/causal-forcing-*.json "$out"/self-forcing-*.json \
+  "$out"/joint-rcm-*.json \
   --markdown "$docs.md" --plot "$docs.svg"
