@@ -34,21 +34,14 @@ EPISODES, MAX_STEPS, EVERY = 4, 400, 7
 PADDLE_ROWS = 54  # model rows from here down hold the paddle (64×64 frames)
 
 
-def _to_model(frames_N_H_W_C: np.ndarray) -> torch.Tensor:
-    return torch.tensor(frames_N_H_W_C).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _to_pixels(x_C_H_W: torch.Tensor) -> np.ndarray:
-    return ((x_C_H_W.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="pipeline folder or shipped model name")
     parser.add_argument("--times", default="1,0.5,0.1", help="RF times s to probe (1,0.5,0.1)")
     args = parser.parse_args()
     times = [float(s) for s in args.times.split(",")]
-    model = crcm.load(args.model).model.float().eval()
+    pipe = crcm.load(args.model)
+    model, codec = pipe.model.float().eval(), pipe.codec
     if model.cfg.prev_frames != 2 or not model.cfg.num_actions:
         raise SystemExit("the probe needs an action model with prev_frames = 2 (Breakout's)")
     env = AtariEnv("breakout", frameskip=4, frame_hw=(64, 64))
@@ -64,10 +57,11 @@ def main() -> None:
             if before is None or after is None or np.hypot(*np.subtract(before, after)) < 2:
                 continue
             target.append(frames[t + 1])
-            prev.append(np.concatenate([frames[t - 1], frames[t]], -1))
+            prev.append((frames[t - 1], frames[t]))
             action.append(actions[t + 1])
-    x0 = _to_model(np.asarray(target))[:, None]
-    prev_B_1 = _to_model(np.asarray(prev))[:, None]
+    x0 = codec.encode(np.asarray(target)[:, None])
+    # Each frame's two previous frames, oldest first, on its channels.
+    prev_B_1 = torch.cat([codec.encode(np.asarray(p)[:, None]) for p in zip(*prev, strict=True)], 2)
     actions = torch.tensor(np.asarray(action))[:, None].long()
     last = prev_B_1[:, :, -3:]
     playfield = (x0 - last).abs().amax(2, keepdim=True) > 1e-3
@@ -77,7 +71,7 @@ def main() -> None:
     def mse(a: torch.Tensor) -> float:
         return float(((a - x0).square() * playfield).sum() / n)
 
-    truth = [det.ball_xy(_to_pixels(x0[i, 0])) for i in range(len(x0))]
+    truth = [det.ball_xy(f) for f in codec.decode(x0)[:, 0].numpy()]
     print(f"{len(x0)} held-out frames with a moving ball; copy-last-frame error {mse(last):.4f}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -88,7 +82,9 @@ def main() -> None:
             est = x_s - s * model(x_s, s_B_1, actions_B_T=actions, prev_B_T_C_H_W=prev_B_1)
             near = [
                 b is not None and t is not None and np.hypot(*np.subtract(b, t)) <= 4
-                for b, t in zip((det.ball_xy(_to_pixels(e[0])) for e in est), truth, strict=True)
+                for b, t in zip(
+                    (det.ball_xy(f) for f in codec.decode(est)[:, 0].numpy()), truth, strict=True
+                )
             ]
             print(
                 f"s = {s:g}: playfield error {mse(est):.4f}, ball within 4 px {np.mean(near):.0%}"

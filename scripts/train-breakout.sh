@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains the shipped Breakout world model (python/crcm/training/recipes/breakout/) on a CPU:
 # the data (two datasets), the 4-part TF teacher, then TF-sCM beside the bidirectional base
-# model (the DMD real score), then SF-DMD. With --all it also trains the baselines of the recipe comparison
-# (Self-Forcing, Causal Forcing, joint rCM), two chains side by side.
+# model (the DMD real score), then SF-DMD. With --all it also trains the baselines of the
+# recipe comparison (Self-Forcing, Causal Forcing, joint rCM), two chains side by side.
 #
 #   bash scripts/train-breakout.sh [WORKDIR] [--all]     # default WORKDIR: ./breakout-work
 #
