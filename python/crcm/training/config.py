@@ -127,6 +127,11 @@ class TrainConfig:
     # ... and that context is the model's own rollout this many frames deep (1: each frame
     # predicted from true frames; clip frames − 1: the whole clip generated frame by frame).
     self_context_depth: int = 1
+    # Teacher-forced stages: with this probability a clip's context carries faint remains of
+    # where things were (each frame blended with the mean of the few before it;
+    # objectives.ghost_frames), the targets stay true: the model learns to erase what its
+    # smeared 1-step frames leave behind.
+    context_ghosts: float = 0.0
     # The sampler's still threshold (crcm.sampling.SamplerConfig; model space): the run's
     # pipeline streams with it, and teacher-tf's own-rollout context is held the same way.
     # None: the init pipeline's (0 for a model from scratch).
@@ -187,6 +192,10 @@ class TrainConfig:
         )
         need(
             0 <= self.self_context <= 1, f"self_context must be in [0, 1], got {self.self_context}"
+        )
+        need(
+            0 <= self.context_ghosts <= 1,
+            f"context_ghosts must be in [0, 1], got {self.context_ghosts}",
         )
         need(
             self.still_threshold is None or 0 <= self.still_threshold < 2,

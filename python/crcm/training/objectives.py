@@ -332,6 +332,7 @@ def tf_teacher_loss(
     self_context: float = 0.0,
     self_context_depth: int = 1,
     still_threshold: float = 0.0,
+    context_ghosts: float = 0.0,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
@@ -354,6 +355,9 @@ def tf_teacher_loss(
     context carries the errors of up to ``d`` generated frames in a row, as a stream's does
     (``d ≥ T − 1`` is the whole clip generated from its history, frame by frame), with the
     sampler's ``still_threshold`` applied to every generated frame as the stream applies it.
+    ``context_ghosts > 0``: with that probability a clip's context (after scheduled sampling)
+    and history carry faint remains of where things were (:func:`ghost_frames`), the targets
+    the true frames, so that the model learns to erase what a smeared frame leaves behind.
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -395,12 +399,61 @@ def tf_teacher_loss(
         context_noise,
         generator,
         history_B_K_C_H_W,
+        context_ghosts,
     )
     se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
     w_B = torch.ones_like(s_B) if weight is None else weight(s_B)
     loss = (w_B * mse_B_T.sum(1)).mean()
     return loss, {"loss": loss.detach(), "mse": mse_B_T.detach().mean()}
+
+
+@torch.no_grad()
+def ghost_frames(
+    x_B_T_C_H_W: Tensor,
+    history_B_K_C_H_W: Tensor | None,
+    p: float,
+    generator: torch.Generator | None,
+    *,
+    max_strength: float = 0.5,
+    max_lag: int = 4,
+) -> tuple[Tensor, Tensor | None]:
+    """With probability ``p`` per clip, every frame (of the history and the clip, in order)
+    blended with the mean of the ``m`` frames before it, ``m ~ U{1..max_lag}``:
+
+        x'_j = (1 − a)·x_j + a·mean(x_{j−m}, …, x_{j−1}),   a ~ U(0, max_strength),
+
+    one ``(a, m)`` per clip; a frame without ``m`` real frames before it (a history of zeros
+    is no past) stays as it is. What this makes is what a 1-step stream leaves behind: faint
+    copies of a moving object where it was, a trail along its path, and the object itself a
+    little dimmer. Returns the clip and the history (``None`` stays ``None``).
+
+    Why: a 1-step frame that is unsure where the paddle went is the mean of the places, and
+    the next frame is generated from it. A model trained only on clean or slightly noised
+    context has never been asked to erase such remains, and keeps them."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"context_ghosts must lie in [0, 1], got {p}")
+    B = x_B_T_C_H_W.shape[0]
+    device, dtype = x_B_T_C_H_W.device, x_B_T_C_H_W.dtype
+    K = 0 if history_B_K_C_H_W is None else history_B_K_C_H_W.shape[1]
+    seq = x_B_T_C_H_W if K == 0 else torch.cat([history_B_K_C_H_W.to(dtype), x_B_T_C_H_W], 1)
+    N = seq.shape[1]
+    real_B_N = seq.flatten(2).abs().amax(2) > 0
+    pick_B = torch.rand(B, generator=generator, device=device) < p
+    a_B = max_strength * torch.rand(B, generator=generator, device=device)
+    m_B = torch.randint(1, max_lag + 1, (B,), generator=generator, device=device)
+    past, n_real_B_N = torch.zeros_like(seq), torch.zeros_like(real_B_N, dtype=torch.long)
+    for lag in range(1, min(max_lag, N - 1) + 1):
+        use_B = lag <= m_B
+        past[:, lag:] += use_B[:, None, None, None, None] * seq[:, :-lag]
+        n_real_B_N[:, lag:] += use_B[:, None] & real_B_N[:, :-lag]
+    past = past / m_B[:, None, None, None, None].to(dtype)
+    ok_B_N = pick_B[:, None] & real_B_N & (n_real_B_N == m_B[:, None])
+    a = a_B[:, None, None, None, None].to(dtype)
+    ghosted = torch.where(ok_B_N[..., None, None, None], (1 - a) * seq + a * past, seq)
+    if K == 0:
+        return ghosted, history_B_K_C_H_W
+    return ghosted[:, K:], ghosted[:, :K].to(history_B_K_C_H_W.dtype)
 
 
 @torch.no_grad()
@@ -534,6 +587,7 @@ def tf_scm_loss(
     norm_eps: float = 0.1,
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
+    context_ghosts: float = 0.0,
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
@@ -586,6 +640,7 @@ def tf_scm_loss(
         context_noise,
         generator,
         history_B_K_C_H_W,
+        context_ghosts,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -617,6 +672,7 @@ def trigflow_scm_loss(
     norm_eps: float = 0.1,
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
+    context_ghosts: float = 0.0,
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
@@ -653,6 +709,7 @@ def trigflow_scm_loss(
         context_noise,
         generator,
         history_B_K_C_H_W,
+        context_ghosts,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -701,6 +758,7 @@ def tf_dcm_loss(
     shift: float = 3.0,
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
+    context_ghosts: float = 0.0,
     n_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
     history_B_K_C_H_W: Tensor | None = None,
@@ -734,6 +792,7 @@ def tf_dcm_loss(
         context_noise,
         generator,
         history_B_K_C_H_W,
+        context_ghosts,
     )
     s_col, s_next_col = _expand(s_B, x_s), _expand(s_next_B, x_s)
     with torch.no_grad():
@@ -779,6 +838,7 @@ def _noisy_tf_batch(
     context_noise: float,
     generator: torch.Generator | None,
     history_B_K_C_H_W: Tensor | None = None,
+    context_ghosts: float = 0.0,
 ) -> tuple[Tensor, Tensor, TeacherForcingBatch]:
     """``(s_B, x_s, batch)``: the clip noised to one time per clip, packed behind its context."""
     B, _ = _check_video(x0_B_T_C_H_W)
@@ -798,6 +858,7 @@ def _noisy_tf_batch(
         context_noise,
         generator,
         history_B_K_C_H_W,
+        context_ghosts,
     )
     return s_B, x_s, batch
 
@@ -843,13 +904,18 @@ def _pack(
     context_noise: float,
     generator: torch.Generator | None,
     history_B_K_C_H_W: Tensor | None = None,
+    context_ghosts: float = 0.0,
 ) -> TeacherForcingBatch:
-    """The TF batch of a clip with one time per clip, with optional context augmentation;
-    ``history`` (the frames before the clip, for the first frames' previous frames) is noised
-    with the context."""
+    """The TF batch of a clip with one time per clip, with optional context augmentation
+    (:func:`ghost_frames`, then noise); ``history`` (the frames before the clip, for the first
+    frames' previous frames) is augmented with the context."""
     B, T = x0_B_T_C_H_W.shape[:2]
     if not 0.0 <= context_noise <= 1.0:
         raise ValueError(f"context_noise must lie in [0, 1], got {context_noise}")
+    if context_ghosts > 0:
+        x0_B_T_C_H_W, history_B_K_C_H_W = ghost_frames(
+            x0_B_T_C_H_W, history_B_K_C_H_W, context_ghosts, generator
+        )
     context, s_context_B_T = x0_B_T_C_H_W, None
     if context_noise > 0:
         device = x0_B_T_C_H_W.device

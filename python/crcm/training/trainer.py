@@ -295,6 +295,7 @@ class _Stage:
                     "context_noise": cfg.context_noise,
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
+                    "context_ghosts": cfg.context_ghosts,
                     "still_threshold": self.pipeline.sampler.still_threshold,
                 }
                 if cfg.stage == "teacher-tf"
@@ -321,6 +322,7 @@ class _Stage:
                 cfg_scale=cfg.guidance,
                 tangent_warmup_steps=cfg.tangent_warmup_steps,
                 context_noise=cfg.context_noise,
+                context_ghosts=cfg.context_ghosts,
                 **common,
                 **past,
             )
@@ -359,6 +361,7 @@ class _Stage:
                 chunk_frames=cfg.chunk_frames,
                 cfg_scale=cfg.guidance,
                 context_noise=cfg.context_noise,
+                context_ghosts=cfg.context_ghosts,
                 **common,
                 **past,
             )

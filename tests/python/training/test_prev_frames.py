@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from crcm.errors import ConfigError
 from crcm.masks import block_causal_mask, teacher_forcing_mask
 from crcm.models import CausalDiT, get_config
 from crcm.models.dit import preceding_frames
@@ -22,6 +23,7 @@ from crcm.pipeline import Pipeline
 from crcm.runtime import Runtime
 from crcm.sampling import SamplerConfig, hold_still_pixels
 from crcm.training import objectives as obj
+from crcm.training.config import TrainConfig
 from crcm.training.jvp import model_jvp
 from crcm.training.self_forcing import self_forcing_rollout
 
@@ -527,3 +529,71 @@ def test_a_still_threshold_is_checked(world_model):
     with pytest.raises(Exception, match="prev_frames"):
         rt.open(sampler=SamplerConfig(still_threshold=0.05), seed=0, cond=0)
     assert rt.stats()["pages_used"] == 0
+
+
+def test_ghost_frames_leave_faint_copies_where_an_object_was():
+    """``context_ghosts``: a moving dot's context frames carry faint copies of where it was,
+    the dot itself dimmer; frames without enough real past, and a history of zeros, stay."""
+    x0, history = -torch.ones(3, 4, 3, 8, 8), -torch.ones(3, 2, 3, 8, 8)
+    for j in range(6):  # one bright pixel moving right, one column per frame
+        (history[:, j] if j < 2 else x0[:, j - 2])[:, :, 4, j] = 1.0
+    history[2] = 0.0  # clip 2 starts its episode: no past
+    ghosted, ghost_history = obj.ghost_frames(
+        x0, history, 1.0, torch.Generator().manual_seed(0), max_lag=1
+    )
+    a = (1.0 - ghosted[0, 3, 0, 4, 5]) / 2  # the blend weight drawn for clip 0
+    assert 0 < a < 0.5
+    # max_lag 1: frame j = (1 − a)·frame j + a·frame j − 1
+    torch.testing.assert_close(ghosted[0, 3, :, 4, 4], torch.full((3,), 2 * a - 1))
+    torch.testing.assert_close(ghosted[0, 3, :, 4, :4], -torch.ones(3, 4))
+    torch.testing.assert_close(ghost_history[0, 0], history[0, 0])  # nothing before it
+    assert (ghost_history[2] == 0).all()
+    torch.testing.assert_close(ghosted[2, 0], x0[2, 0])  # its past is zeros: no ghost
+    assert not torch.equal(ghosted[2, 1], x0[2, 1])  # its frame before is real
+    unchanged, same_history = obj.ghost_frames(x0, history, 0.0, None)
+    assert torch.equal(unchanged, x0) and torch.equal(same_history, history)
+    with pytest.raises(ValueError, match="context_ghosts"):
+        obj.ghost_frames(x0, history, 1.5, None)
+    with pytest.raises(ConfigError, match="context_ghosts"):
+        TrainConfig(stage="teacher-tf", context_ghosts=1.5)
+
+
+def test_context_ghosts_change_the_teacher_loss_only_through_the_context():
+    model = randomized(CausalDiT(WM)).train()
+    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=torch.Generator().manual_seed(9))
+    history = torch.randn(2, WM.prev_frames, WM.in_channels, *WM.frame_hw)
+    losses = [
+        obj.tf_teacher_loss(
+            model,
+            x0,
+            context_ghosts=p,
+            history_B_K_C_H_W=history,
+            generator=torch.Generator().manual_seed(0),
+        )[0].item()
+        for p in (0.0, 0.0, 1.0)
+    ]
+    assert losses[0] == losses[1] and losses[2] != pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["tf_scm_loss", "tf_dcm_loss"])
+def test_context_ghosts_reach_the_distillation_losses(loss):
+    student, teacher = randomized(CausalDiT(WM), 0).train(), randomized(CausalDiT(WM), 1).eval()
+    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=torch.Generator().manual_seed(9))
+    history = torch.randn(2, WM.prev_frames, WM.in_channels, *WM.frame_hw)
+    extra = {"step": 1} if loss == "tf_scm_loss" else {}
+    extra["cfg_scale"] = 1.0  # an action-free clip: nothing to guide against
+    # sCM's loss is normalised (~100 whatever the context): compare its ‖g‖ instead.
+    key = "g_norm" if loss == "tf_scm_loss" else "loss"
+    values = [
+        getattr(obj, loss)(
+            student,
+            teacher,
+            x0,
+            context_ghosts=p,
+            history_B_K_C_H_W=history,
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        )[1][key].item()
+        for p in (0.0, 1.0)
+    ]
+    assert values[1] != pytest.approx(values[0], rel=1e-4)
