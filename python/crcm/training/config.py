@@ -132,6 +132,10 @@ class TrainConfig:
     # objectives.ghost_frames), the targets stay true: the model learns to erase what its
     # smeared 1-step frames leave behind.
     context_ghosts: float = 0.0
+    # ... and with this probability, dust: the same few pixels of every context frame offset
+    # by up to 64 grey levels (objectives.speckle_frames), as a stream's residual noise leaves
+    # it once it passes the still threshold.
+    context_speckle: float = 0.0
     # The sampler's still threshold (crcm.sampling.SamplerConfig; model space): the run's
     # pipeline streams with it, and teacher-tf's own-rollout context is held the same way.
     # None: the init pipeline's (0 for a model from scratch).
@@ -196,6 +200,10 @@ class TrainConfig:
         need(
             0 <= self.context_ghosts <= 1,
             f"context_ghosts must be in [0, 1], got {self.context_ghosts}",
+        )
+        need(
+            0 <= self.context_speckle <= 1,
+            f"context_speckle must be in [0, 1], got {self.context_speckle}",
         )
         need(
             self.still_threshold is None or 0 <= self.still_threshold < 2,

@@ -333,6 +333,7 @@ def tf_teacher_loss(
     self_context_depth: int = 1,
     still_threshold: float = 0.0,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
@@ -357,7 +358,8 @@ def tf_teacher_loss(
     sampler's ``still_threshold`` applied to every generated frame as the stream applies it.
     ``context_ghosts > 0``: with that probability a clip's context (after scheduled sampling)
     and history carry faint remains of where things were (:func:`ghost_frames`), the targets
-    the true frames, so that the model learns to erase what a smeared frame leaves behind.
+    the true frames, so that the model learns to erase what a smeared frame leaves behind;
+    ``context_speckle > 0`` likewise puts dust on them (:func:`speckle_frames`).
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -400,6 +402,7 @@ def tf_teacher_loss(
         generator,
         history_B_K_C_H_W,
         context_ghosts,
+        context_speckle,
     )
     se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
@@ -454,6 +457,46 @@ def ghost_frames(
     if K == 0:
         return ghosted, history_B_K_C_H_W
     return ghosted[:, K:], ghosted[:, :K].to(history_B_K_C_H_W.dtype)
+
+
+@torch.no_grad()
+def speckle_frames(
+    x_B_T_C_H_W: Tensor,
+    history_B_K_C_H_W: Tensor | None,
+    p: float,
+    generator: torch.Generator | None,
+    *,
+    max_density: float = 0.01,
+    max_offset: float = 0.5,
+) -> tuple[Tensor, Tensor | None]:
+    """With probability ``p`` per clip, dust on every frame of the history and the clip: the
+    same pixels of all of them (a fraction ``U(0, max_density)`` of the frame, one draw per
+    clip) offset by ``U(−max_offset, max_offset)`` per channel, clamped to ``[−1, 1]``
+    (``max_offset = 0.5`` is 64 grey levels). A history of zeros (no past) stays zeros.
+    Returns the clip and the history (``None`` stays ``None``).
+
+    Why: a 1-step stream's residual noise now and then passes the still threshold, and an
+    x0-change model copies what it is given, so those specks stay for good and pile up over a
+    long rollout. The dust is the same in every frame because that is how it sits in a
+    stream's context; the targets are clean, so the model learns to remove it."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"context_speckle must lie in [0, 1], got {p}")
+    B, _, C, H, W = x_B_T_C_H_W.shape
+    device, dtype = x_B_T_C_H_W.device, x_B_T_C_H_W.dtype
+    pick_B = torch.rand(B, generator=generator, device=device) < p
+    density_B = max_density * torch.rand(B, generator=generator, device=device)
+    where = torch.rand(B, 1, 1, H, W, generator=generator, device=device)
+    where = (where < density_B[:, None, None, None, None]) & pick_B[:, None, None, None, None]
+    u = torch.rand(B, 1, C, H, W, generator=generator, device=device)
+    offset = torch.where(where, max_offset * (2 * u - 1), torch.zeros_like(u)).to(dtype)
+
+    def dusty(frames: Tensor) -> Tensor:
+        real = frames.flatten(2).abs().amax(2) > 0
+        out = (frames + offset.to(frames.dtype)).clamp(-1.0, 1.0)
+        return torch.where(real[..., None, None, None], out, frames)
+
+    history = None if history_B_K_C_H_W is None else dusty(history_B_K_C_H_W)
+    return dusty(x_B_T_C_H_W), history
 
 
 @torch.no_grad()
@@ -588,6 +631,7 @@ def tf_scm_loss(
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
@@ -641,6 +685,7 @@ def tf_scm_loss(
         generator,
         history_B_K_C_H_W,
         context_ghosts,
+        context_speckle,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -673,6 +718,7 @@ def trigflow_scm_loss(
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
     jvp_backend: Backend = "auto",
     s_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
@@ -710,6 +756,7 @@ def trigflow_scm_loss(
         generator,
         history_B_K_C_H_W,
         context_ghosts,
+        context_speckle,
     )
     r = tangent_warmup(step, tangent_warmup_steps)
 
@@ -759,6 +806,7 @@ def tf_dcm_loss(
     loss_scale: float = 100.0,
     context_noise: float = 0.0,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
     n_B: Tensor | None = None,
     noise_B_T_C_H_W: Tensor | None = None,
     history_B_K_C_H_W: Tensor | None = None,
@@ -793,6 +841,7 @@ def tf_dcm_loss(
         generator,
         history_B_K_C_H_W,
         context_ghosts,
+        context_speckle,
     )
     s_col, s_next_col = _expand(s_B, x_s), _expand(s_next_B, x_s)
     with torch.no_grad():
@@ -839,6 +888,7 @@ def _noisy_tf_batch(
     generator: torch.Generator | None,
     history_B_K_C_H_W: Tensor | None = None,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
 ) -> tuple[Tensor, Tensor, TeacherForcingBatch]:
     """``(s_B, x_s, batch)``: the clip noised to one time per clip, packed behind its context."""
     B, _ = _check_video(x0_B_T_C_H_W)
@@ -859,6 +909,7 @@ def _noisy_tf_batch(
         generator,
         history_B_K_C_H_W,
         context_ghosts,
+        context_speckle,
     )
     return s_B, x_s, batch
 
@@ -905,16 +956,21 @@ def _pack(
     generator: torch.Generator | None,
     history_B_K_C_H_W: Tensor | None = None,
     context_ghosts: float = 0.0,
+    context_speckle: float = 0.0,
 ) -> TeacherForcingBatch:
     """The TF batch of a clip with one time per clip, with optional context augmentation
-    (:func:`ghost_frames`, then noise); ``history`` (the frames before the clip, for the first
-    frames' previous frames) is augmented with the context."""
+    (:func:`ghost_frames`, :func:`speckle_frames`, then noise); ``history`` (the frames before
+    the clip, for the first frames' previous frames) is augmented with the context."""
     B, T = x0_B_T_C_H_W.shape[:2]
     if not 0.0 <= context_noise <= 1.0:
         raise ValueError(f"context_noise must lie in [0, 1], got {context_noise}")
     if context_ghosts > 0:
         x0_B_T_C_H_W, history_B_K_C_H_W = ghost_frames(
             x0_B_T_C_H_W, history_B_K_C_H_W, context_ghosts, generator
+        )
+    if context_speckle > 0:
+        x0_B_T_C_H_W, history_B_K_C_H_W = speckle_frames(
+            x0_B_T_C_H_W, history_B_K_C_H_W, context_speckle, generator
         )
     context, s_context_B_T = x0_B_T_C_H_W, None
     if context_noise > 0:

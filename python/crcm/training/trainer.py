@@ -296,6 +296,7 @@ class _Stage:
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
                     "context_ghosts": cfg.context_ghosts,
+                    "context_speckle": cfg.context_speckle,
                     "still_threshold": self.pipeline.sampler.still_threshold,
                 }
                 if cfg.stage == "teacher-tf"
@@ -323,6 +324,7 @@ class _Stage:
                 tangent_warmup_steps=cfg.tangent_warmup_steps,
                 context_noise=cfg.context_noise,
                 context_ghosts=cfg.context_ghosts,
+                context_speckle=cfg.context_speckle,
                 **common,
                 **past,
             )
@@ -362,6 +364,7 @@ class _Stage:
                 cfg_scale=cfg.guidance,
                 context_noise=cfg.context_noise,
                 context_ghosts=cfg.context_ghosts,
+                context_speckle=cfg.context_speckle,
                 **common,
                 **past,
             )

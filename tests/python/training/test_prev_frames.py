@@ -575,11 +575,34 @@ def test_context_ghosts_change_the_teacher_loss_only_through_the_context():
     assert losses[0] == losses[1] and losses[2] != pytest.approx(losses[0], rel=1e-4)
 
 
+def test_speckle_frames_put_the_same_dust_on_every_frame_of_a_clip():
+    x0, history = -torch.ones(3, 4, 3, 16, 16), -torch.ones(3, 2, 3, 16, 16)
+    history[2] = 0.0  # no past
+    dusty, dusty_history = obj.speckle_frames(
+        x0, history, 1.0, torch.Generator().manual_seed(0), max_density=0.3
+    )
+    changed = (dusty - x0).abs().amax(2) > 0
+    assert changed.any() and changed.float().mean() < 0.3
+    assert (dusty == dusty[:, :1]).all()  # the same dust in every frame of a clip
+    torch.testing.assert_close(dusty_history[0, 0], dusty[0, 0])  # the history's too
+    assert (dusty_history[2] == 0).all()
+    assert dusty.min() >= -1 and (dusty - x0).abs().max() <= 0.5
+    clean, _ = obj.speckle_frames(x0, history, 0.0, None)
+    assert torch.equal(clean, x0)
+    with pytest.raises(ValueError, match="context_speckle"):
+        obj.speckle_frames(x0, history, -0.1, None)
+    with pytest.raises(ConfigError, match="context_speckle"):
+        TrainConfig(stage="teacher-tf", context_speckle=2.0)
+
+
+@pytest.mark.parametrize("augment", ["context_ghosts", "context_speckle"])
 @pytest.mark.parametrize("loss", ["tf_scm_loss", "tf_dcm_loss"])
-def test_context_ghosts_reach_the_distillation_losses(loss):
-    student, teacher = randomized(CausalDiT(WM), 0).train(), randomized(CausalDiT(WM), 1).eval()
-    x0 = torch.randn(2, 3, WM.in_channels, *WM.frame_hw, generator=torch.Generator().manual_seed(9))
-    history = torch.randn(2, WM.prev_frames, WM.in_channels, *WM.frame_hw)
+def test_context_augmentations_reach_the_distillation_losses(loss, augment):
+    cfg = WM.replace(frame_hw=(32, 32))  # room for dust: it covers up to 1 % of a frame
+    student, teacher = randomized(CausalDiT(cfg), 0).train(), randomized(CausalDiT(cfg), 1).eval()
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.rand(2, 3, cfg.in_channels, *cfg.frame_hw, generator=g) * 2 - 1
+    history = torch.rand(2, cfg.prev_frames, cfg.in_channels, *cfg.frame_hw, generator=g) * 2 - 1
     extra = {"step": 1} if loss == "tf_scm_loss" else {}
     extra["cfg_scale"] = 1.0  # an action-free clip: nothing to guide against
     # sCM's loss is normalised (~100 whatever the context): compare its ‖g‖ instead.
@@ -589,9 +612,9 @@ def test_context_ghosts_reach_the_distillation_losses(loss):
             student,
             teacher,
             x0,
-            context_ghosts=p,
             history_B_K_C_H_W=history,
             generator=torch.Generator().manual_seed(0),
+            **{augment: p},
             **extra,
         )[1][key].item()
         for p in (0.0, 1.0)
