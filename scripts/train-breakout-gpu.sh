@@ -44,10 +44,11 @@ tf_teacher_ready() {
   while [ ! -f runs/breakout/teacher-tf/pipeline/model.safetensors ]; do sleep 2; done
 }
 chain_a() {  # Causal-rCM, then joint rCM
-  # The teacher's four parts (docs/breakout-model.md), 80 s in all.
+  # The teacher's five parts (docs/breakout-model.md), 95 s in all.
   train teacher-tf 1-teacher-tf-motion 30 batch_size=32 steps=100000
   train teacher-tf 1-teacher-tf-static 15 batch_size=32 steps=100000
   train teacher-tf 1-teacher-tf-sampling 20 batch_size=32 steps=100000
+  train teacher-tf 1-teacher-tf-keys 15 batch_size=32 steps=100000
   train teacher-tf 1-teacher-tf 15 batch_size=32 steps=100000
   train tf-scm causal-rcm/2-tf-scm 60 batch_size=32 steps=100000
   train sf-dmd causal-rcm/3-sf-dmd 90 batch_size=16 steps=100000

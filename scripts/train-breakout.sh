@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the shipped Breakout world model (python/crcm/training/recipes/breakout/) on a CPU:
-# the data (two datasets), the 4-part TF teacher, then TF-sCM beside the bidirectional base
+# the data (two datasets), the 5-part TF teacher, then TF-sCM beside the bidirectional base
 # model (the DMD real score), then SF-DMD. With --all it also trains the baselines of the
 # recipe comparison (Self-Forcing, Causal Forcing, joint rCM), two chains side by side.
 #
@@ -28,6 +28,7 @@ crcm collect --game breakout --episodes 150 --eval-episodes 4 \
 train teacher-tf 1-teacher-tf-motion 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf-static 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf-sampling 2 >> logs/main.log 2>&1
+train teacher-tf 1-teacher-tf-keys 2 >> logs/main.log 2>&1
 train teacher-tf 1-teacher-tf 2 >> logs/main.log 2>&1
 train tf-scm causal-rcm/2-tf-scm 1 >> logs/main.log 2>&1 &
 a=$!

@@ -152,12 +152,6 @@ def _hold(driver, key, detector, seconds: float) -> list[float | None]:
     return xs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped Breakout model drives its paddle to the wall under a held →, but "
-    "smears it when ← then leaves the wall (docs/breakout-model.md); strict: this reports as "
-    "soon as a shipped model passes",
-)
 def test_arrow_keys_move_the_shipped_models_paddle(browser):
     """Holding → moves the Breakout paddle right and ← moves it left, read from the canvas
     (the shipped model, as a player sees it): not merely "the frames change"."""

@@ -121,14 +121,16 @@ def _moving_squares_recipes() -> dict[str, Pin]:
 def _breakout_recipes() -> dict[str, Pin]:
     b = "breakout"
     base, tf, df = f"{b}/0-base", f"{b}/1-teacher-tf", f"{b}/1-teacher-df"
+    keys = f"{b}/1-teacher-tf-keys"
     # Breakout's stages distil the teacher unguided (an action-only world model), and the DMD
     # stages roll out with noisy context (1-step play at 60 frames/s on 2 cores).
     dmd = dict(guidance=1.0, cache_update=False, fake_score_updates=5)
     return {
         base: Pin("base"),
         # From scratch: its input carries the previous frames. Context noise: fed back its own
-        # frames the model must not break down (docs/breakout-model.md). Four parts: moving
-        # pixels weigh 41×, then 5×, then scheduled sampling, then data with held keys.
+        # frames the model must not break down (docs/breakout-model.md). Five parts: moving
+        # pixels weigh 41×, then 5×, then scheduled sampling, then data with held keys, then
+        # dust in the context.
         f"{b}/1-teacher-tf-motion": Pin("teacher-tf", context_noise=0.1),
         f"{b}/1-teacher-tf-static": Pin(
             "teacher-tf", init=f"{b}/1-teacher-tf-motion", context_noise=0.1
@@ -136,8 +138,11 @@ def _breakout_recipes() -> dict[str, Pin]:
         f"{b}/1-teacher-tf-sampling": Pin(
             "teacher-tf", init=f"{b}/1-teacher-tf-static", context_noise=0.1
         ),
-        # The last part, on data with keys held as a person holds them (every later stage's).
-        tf: Pin("teacher-tf", init=f"{b}/1-teacher-tf-sampling", context_noise=0.1),
+        # The fourth part, on data with keys held as a person holds them (every later stage's
+        # data); the recorded recipe comparison was distilled from it.
+        keys: Pin("teacher-tf", init=f"{b}/1-teacher-tf-sampling", context_noise=0.1),
+        # The last part (every later stage's teacher): the fourth with dust in its context.
+        tf: Pin("teacher-tf", init=keys, context_noise=0.1),
         df: Pin("teacher-df", init=base),
         f"{b}/causal-rcm/2-tf-scm": Pin(
             "tf-scm", init=tf, teacher=tf, guidance=1.0, context_noise=0.1
