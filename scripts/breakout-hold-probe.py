@@ -35,8 +35,9 @@ def main() -> None:
     start = pipe.start or crcm.load("breakout").start
     det = BreakoutDetector(pipe.codec.frame_hw)
     plan = [NOOP] * OPENING_NOOPS + [RIGHT] * args.hold + [LEFT] * args.hold
+    seeds = [int(s) for s in args.seeds.split(",")]
     passed, found = 0, []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in seeds:
         with crcm.Runtime(pipe, max_streams=1) as rt:
             session = rt.open(steps=1, seed=seed, buffer_frames=len(plan) + 64, **start)
             session.push_actions(plan)
@@ -55,9 +56,8 @@ def main() -> None:
         show = " ".join("-" if x is None else f"{x:.0f}" for x in right[::3])
         show_left = " ".join("-" if x is None else f"{x:.0f}" for x in left[::3])
         print(f"seed {seed}: → {show} | ← {show_left} | {'pass' if ok else 'FAIL'}")
-    n = len(args.seeds.split(","))
     print(
-        f"{passed} of {n} seeds end at the right wall after → and the left wall after ←; "
+        f"{passed} of {len(seeds)} seeds end at the right wall after → and the left wall after ←; "
         f"the paddle found in {np.mean(found):.0%} of the held frames"
     )
 

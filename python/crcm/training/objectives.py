@@ -441,7 +441,7 @@ def ghost_frames(
     K = 0 if history_B_K_C_H_W is None else history_B_K_C_H_W.shape[1]
     seq = x_B_T_C_H_W if K == 0 else torch.cat([history_B_K_C_H_W.to(dtype), x_B_T_C_H_W], 1)
     N = seq.shape[1]
-    real_B_N = seq.flatten(2).abs().amax(2) > 0
+    real_B_N = _real_frames(seq)
     pick_B = torch.rand(B, generator=generator, device=device) < p
     a_B = max_strength * torch.rand(B, generator=generator, device=device)
     m_B = torch.randint(1, max_lag + 1, (B,), generator=generator, device=device)
@@ -491,9 +491,8 @@ def speckle_frames(
     offset = torch.where(where, max_offset * (2 * u - 1), torch.zeros_like(u)).to(dtype)
 
     def dusty(frames: Tensor) -> Tensor:
-        real = frames.flatten(2).abs().amax(2) > 0
         out = (frames + offset.to(frames.dtype)).clamp(-1.0, 1.0)
-        return torch.where(real[..., None, None, None], out, frames)
+        return torch.where(_real_frames(frames)[..., None, None, None], out, frames)
 
     history = None if history_B_K_C_H_W is None else dusty(history_B_K_C_H_W)
     return dusty(x_B_T_C_H_W), history
@@ -981,7 +980,7 @@ def _pack(
         s_context_B_T = s_ctx_B[:, None].expand(B, T)
         if history_B_K_C_H_W is not None:
             # Zeros (no past) stay zeros: noise is added only where a frame exists.
-            exists = history_B_K_C_H_W.flatten(2).abs().amax(2) > 0
+            exists = _real_frames(history_B_K_C_H_W)
             noisy = add_noise(history_B_K_C_H_W, _randn_like(history_B_K_C_H_W, generator), s_ctx_B)
             history_B_K_C_H_W = torch.where(exists[..., None, None, None], noisy, history_B_K_C_H_W)
     return pack_teacher_forcing(
@@ -1026,6 +1025,12 @@ def _scm_result(
     g_norm = (g_norm_B * finite).sum() / finite.sum().clamp_min(1)
     logs = {"loss": loss.detach(), "g_norm": g_norm.float(), "finite": finite.mean()}
     return loss, logs | {"r": torch.tensor(r)}
+
+
+def _real_frames(x_B_N_C_H_W: Tensor) -> Tensor:
+    """``[B, N]``: which frames exist; a history frame of zeros means "no past" (an episode's
+    start), and context augmentation leaves it so."""
+    return x_B_N_C_H_W.flatten(2).abs().amax(2) > 0
 
 
 def _check_video(x0_B_T_C_H_W: Tensor) -> tuple[int, int]:

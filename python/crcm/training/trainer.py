@@ -274,6 +274,12 @@ class _Stage:
         # The frames before the clip, for the previous-frame inputs of its first frames (the
         # teacher-forcing objectives; self-forced rollouts make their own past).
         past = {"history_B_K_C_H_W": batch.history_B_K_C_H_W}
+        # How the teacher-forced stages augment the clean context (docs/training.md).
+        augment = {
+            "context_noise": cfg.context_noise,
+            "context_ghosts": cfg.context_ghosts,
+            "context_speckle": cfg.context_speckle,
+        }
         x0 = batch.x0_B_T_C_H_W
         logs: dict[str, Tensor] = {}
         weights = {"bell": obj.bell_weight, "uniform": None, "x0": obj.x0_weight}
@@ -292,12 +298,10 @@ class _Stage:
             fn = obj.tf_teacher_loss if cfg.stage == "teacher-tf" else obj.df_teacher_loss
             extra = (
                 {
-                    "context_noise": cfg.context_noise,
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
-                    "context_ghosts": cfg.context_ghosts,
-                    "context_speckle": cfg.context_speckle,
                     "still_threshold": self.pipeline.sampler.still_threshold,
+                    **augment,
                 }
                 if cfg.stage == "teacher-tf"
                 else {}
@@ -322,9 +326,7 @@ class _Stage:
                 chunk_frames=cfg.chunk_frames,
                 cfg_scale=cfg.guidance,
                 tangent_warmup_steps=cfg.tangent_warmup_steps,
-                context_noise=cfg.context_noise,
-                context_ghosts=cfg.context_ghosts,
-                context_speckle=cfg.context_speckle,
+                **augment,
                 **common,
                 **past,
             )
@@ -362,9 +364,7 @@ class _Stage:
                 x0,
                 chunk_frames=cfg.chunk_frames,
                 cfg_scale=cfg.guidance,
-                context_noise=cfg.context_noise,
-                context_ghosts=cfg.context_ghosts,
-                context_speckle=cfg.context_speckle,
+                **augment,
                 **common,
                 **past,
             )
