@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped Breakout world model (python/crcm/training/recipes/breakout/) on a CPU:
 # the data (two datasets), the 5-part TF teacher, then TF-sCM beside the bidirectional base
-# model (the DMD real score), then SF-DMD. With --all it also trains the baselines of the
+# model (the DMD real score), then the student's pixel head (the shipped model), then SF-DMD. With --all it also trains the baselines of the
 # recipe comparison (Self-Forcing, Causal Forcing, joint rCM), two chains side by side.
 #
 #   bash scripts/train-breakout.sh [WORKDIR] [--all]     # default WORKDIR: ./breakout-work
@@ -35,6 +35,7 @@ a=$!
 train base 0-base 1 >> logs/base.log 2>&1 &
 b=$!
 wait $a $b
+train teacher-tf causal-rcm/3-pixel-head 2 >> logs/main.log 2>&1
 train sf-dmd causal-rcm/3-sf-dmd 2 >> logs/main.log 2>&1
 
 if [ "$all" = "--all" ]; then

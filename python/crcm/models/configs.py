@@ -67,6 +67,13 @@ class DiTConfig:
     # fresh model (zero head) already copies the last frame and training spends itself on what
     # moves. Either way forward() returns v.
     prediction: Prediction = "v"
+    # x0-heads: a small convolutional head at full resolution that corrects the clean-frame
+    # estimate (its width in channels; 0 = none). The patch head draws each 8×8 patch through
+    # one linear read-out, which places an object smaller than a patch that moves a few pixels
+    # a frame (Breakout's ball) poorly; convolutions over the estimate, the noisy frame, the
+    # previous frames and the action planes share their weights across the frame, as DIAMOND's
+    # U-Net does. Its output layer starts at zero: adding it leaves a trained model unchanged.
+    pixel_head: int = 0
     cross_attn_norm: bool = True  # Wan's affine LayerNorm before cross-attention
     eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -108,6 +115,15 @@ class DiTConfig:
             self.prediction != "x0-change" or self.prev_frames > 0,
             'prediction="x0-change" needs prev_frames > 0 (the frame the change is from)',
         )
+        need(self.pixel_head >= 0, f"pixel_head={self.pixel_head} must be ≥ 0")
+        need(
+            self.pixel_head == 0 or self.prediction != "v",
+            'pixel_head corrects a clean-frame estimate: it needs prediction "x0" or "x0-change"',
+        )
+        need(
+            self.pixel_head == 0 or self.patch[0] == 1,
+            "pixel_head needs a temporal patch of 1 (it works frame by frame)",
+        )
         need(
             self.prev_frames == 0 or self.patch[0] == 1,
             "prev_frames needs a temporal patch of 1 (one model frame per input frame)",
@@ -130,6 +146,13 @@ class DiTConfig:
         ``action_planes``, one plane per action id (the null action included)."""
         planes = self.num_actions + 1 if self.action_planes else 0
         return self.in_channels * (1 + self.prev_frames) + planes
+
+    @property
+    def pixel_head_inputs(self) -> int:
+        """Channels the pixel head reads: the clean-frame estimate, the noisy frame, a plane
+        holding ``s``, the previous frames and, with actions, one plane per action id."""
+        planes = self.num_actions + 1 if self.num_actions else 0
+        return self.in_channels * (2 + self.prev_frames) + 1 + planes
 
     @property
     def tokens_per_frame(self) -> int:
@@ -163,6 +186,10 @@ class DiTConfig:
             block += attention + (2 * d if self.cross_attn_norm else 0)
         n += self.num_layers * block
         n += linear(d, self.out_channels * patch_volume) + 2 * d  # head
+        if self.pixel_head:  # 5×5, 5×5, 5×5 and 3×3 convolutions (models.dit.PixelHead)
+            w = self.pixel_head
+            n += self.pixel_head_inputs * w * 25 + w + 2 * (w * w * 25 + w)
+            n += w * self.out_channels * 9 + self.out_channels
         return n
 
 

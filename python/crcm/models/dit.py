@@ -376,6 +376,55 @@ class Head(nn.Module):
 # The model
 
 
+class PixelHead(nn.Module):
+    """Full-resolution correction of a clean-frame estimate (``DiTConfig.pixel_head``).
+
+    Three 5×5 convolutions and a 3×3 one see ±7 pixels around each pixel of: the estimate
+    ``x0̂``, the noisy frame ``x_s``, a plane holding ``s``, the previous frames (for
+    ``prev_frames > 0``) and one plane per action id (for ``num_actions > 0``). Its output is
+    added to ``x0̂``; the last layer starts at zero.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        width = cfg.pixel_head
+        self.num_planes = cfg.num_actions + 1 if cfg.num_actions else 0
+        self.net = nn.Sequential(
+            nn.Conv2d(cfg.pixel_head_inputs, width, 5, padding=2),
+            nn.GELU(approximate="tanh"),
+            nn.Conv2d(width, width, 5, padding=2),
+            nn.GELU(approximate="tanh"),
+            nn.Conv2d(width, width, 5, padding=2),
+            nn.GELU(approximate="tanh"),
+            nn.Conv2d(width, cfg.out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(
+        self,
+        x0_B_T_C_H_W: Tensor,
+        x_B_T_C_H_W: Tensor,
+        s_B_T: Tensor,
+        prev_B_T_C_H_W: Tensor | None,
+        actions_B_T: Tensor | None,
+    ) -> Tensor:
+        """The corrected estimate, ``[B, T, C, H, W]`` in ``x0``'s dtype."""
+        B, T, _, H, W = x0_B_T_C_H_W.shape
+        dtype = self.net[0].weight.dtype
+        parts = [x0_B_T_C_H_W, x_B_T_C_H_W, s_B_T[:, :, None, None, None].expand(B, T, 1, H, W)]
+        if prev_B_T_C_H_W is not None:
+            parts.append(prev_B_T_C_H_W)
+        if self.num_planes:
+            if actions_B_T is None:  # the null action
+                actions_B_T = torch.full((B, T), self.num_planes - 1, device=x0_B_T_C_H_W.device)
+            one_hot = F.one_hot(actions_B_T.long(), self.num_planes)
+            parts.append(one_hot[..., None, None].expand(B, T, self.num_planes, H, W))
+        inputs = torch.cat([p.to(dtype) for p in parts], dim=2).flatten(0, 1)
+        correction = self.net(inputs).unflatten(0, (B, T))
+        return x0_B_T_C_H_W + correction.to(x0_B_T_C_H_W.dtype)
+
+
 class CausalDiT(nn.Module):
     """Wan2.1-style DiT predicting the RF velocity ``v = ε − x0`` with a noise level per frame.
 
@@ -408,6 +457,8 @@ class CausalDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(d, patch_values, cfg.eps)
         self._init_weights()
+        # Built after Wan's initialisation, which would re-initialise its zero output layer.
+        self.pixel_head = PixelHead(cfg) if cfg.pixel_head else None
 
     def _init_weights(self) -> None:
         """Wan2.1's initialisation (zero output head), plus crcm's condition tables."""
@@ -573,23 +624,31 @@ class CausalDiT(nn.Module):
         # Unpatchify: patch values are ordered (pt, ph, pw, C), as Wan's head.
         out = patches_B_L_P.reshape(B, grid_t, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
-        v = self.velocity_from_output(x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W)
+        v = self.velocity_from_output(x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W, actions_B_T)
         return v.to(x_B_T_C_H_W.dtype)
 
     def velocity_from_output(
-        self, x_B_T_C_H_W: Tensor, s_B_T: Tensor, out: Tensor, prev_B_T_C_H_W: Tensor | None
+        self,
+        x_B_T_C_H_W: Tensor,
+        s_B_T: Tensor,
+        out: Tensor,
+        prev_B_T_C_H_W: Tensor | None,
+        actions_B_T: Tensor | None = None,
     ) -> Tensor:
         """The velocity from the head's (unpatchified) output: the output itself for a v-head,
         ``(x_s − x0̂)/max(s, X0_MIN_S)`` for an x0-head, where ``x0̂`` is the output
-        (``"x0"``) or the last previous frame plus the output (``"x0-change"``); so that
-        ``x_s − s·v = x0̂`` wherever ``s ≥ X0_MIN_S`` (below it the clamp keeps the division
-        bounded, as at ``s = 0`` for a clean context frame, whose output nobody reads).
-        ``s_B_T`` per model frame."""
+        (``"x0"``) or the last previous frame plus the output (``"x0-change"``), corrected by
+        the pixel head if the model has one; so that ``x_s − s·v = x0̂`` wherever
+        ``s ≥ X0_MIN_S`` (below it the clamp keeps the division bounded, as at ``s = 0`` for a
+        clean context frame, whose output nobody reads). ``s_B_T`` and ``actions_B_T`` per
+        model frame."""
         if self.cfg.prediction == "v":
             return out
         if self.cfg.prediction == "x0-change":
             last_B_T_C_H_W = prev_B_T_C_H_W[:, :, -self.cfg.in_channels :]
             out = out + last_B_T_C_H_W.to(out.dtype)
+        if self.pixel_head is not None:
+            out = self.pixel_head(out, _wide(x_B_T_C_H_W), s_B_T, prev_B_T_C_H_W, actions_B_T)
         pt = self.cfg.patch[0]
         s_B_T = s_B_T.repeat_interleave(pt, dim=1) if pt > 1 else s_B_T
         denom = s_B_T.to(out.dtype).clamp_min(X0_MIN_S)[:, :, None, None, None]

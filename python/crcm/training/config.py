@@ -140,6 +140,12 @@ class TrainConfig:
     # pipeline streams with it, and teacher-tf's own-rollout context is held the same way.
     # None: the init pipeline's (0 for a model from scratch).
     still_threshold: float | None = None
+    # Give the init model a pixel head of this width if it has none (DiTConfig.pixel_head; its
+    # output starts at zero, so the model starts as it was). None: keep the model's.
+    pixel_head: int | None = None
+    # Which weights the stage trains: "all", or "pixel_head" (the rest frozen: a cheap stage
+    # that teaches the head what the patch head cannot place, on the frozen network's output).
+    trainable: Literal["all", "pixel_head"] = "all"
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None
@@ -237,6 +243,19 @@ class TrainConfig:
                 f"micro_batch_size={self.micro_batch_size} must divide batch_size="
                 f"{self.batch_size}",
             )
+        need(
+            self.pixel_head is None or self.pixel_head > 0,
+            f"pixel_head must be a width > 0 (or unset), got {self.pixel_head}",
+        )
+        need(
+            self.trainable in ("all", "pixel_head"),
+            f'trainable must be "all" or "pixel_head", got {self.trainable!r}',
+        )
+        need(
+            self.trainable == "all" or self.stage not in DMD,
+            f"trainable={self.trainable!r}: stage {self.stage} trains its fake score beside the "
+            "student; train the pixel head with a teacher-forced stage",
+        )
         if self.stage in DISTILLATION:
             need(self.teacher is not None, f"stage {self.stage} needs a teacher")
         if self.stage == "joint-rcm":

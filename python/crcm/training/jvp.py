@@ -166,7 +166,7 @@ def model_jvp(
 
     # The head's output to the velocity (an x0-head's v depends on x and s directly too).
     v, t_v = jvp(
-        lambda x, s, out: model.velocity_from_output(x, s, out, prev_B_T_C_H_W),
+        lambda x, s, out: model.velocity_from_output(x, s, out, prev_B_T_C_H_W, actions_B_T),
         (x_B_T_C_H_W, s_B_T, unpatchify(patches_B_L_P)),
         (t_x_B_T_C_H_W.to(x_B_T_C_H_W.dtype), t_s_B_T, unpatchify(t_patches_B_L_P)),
     )

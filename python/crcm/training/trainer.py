@@ -34,6 +34,7 @@ from torch import Tensor
 
 from crcm.errors import ConfigError
 from crcm.masks import block_causal_mask
+from crcm.models import CausalDiT
 from crcm.pipeline import Pipeline, load
 from crcm.sampling import SamplerConfig, consistency_times, get_preset
 from crcm.training import distributed as dist_utils
@@ -59,6 +60,17 @@ TEACHER_STAGES = ("base", "teacher-tf", "teacher-df")
 # under FSDP their weights are gathered around the loss (distributed.gathered_params).
 JVP_STAGES = ("tf-scm", "trigflow-scm", "joint-rcm")
 SAMPLE_EULER_STEPS = 16  # teachers' sample videos: Euler steps per chunk (with CFG 3)
+
+
+def with_pixel_head(model: CausalDiT, width: int, seed: int) -> CausalDiT:
+    """``model`` with a new pixel head of ``width`` channels (zero output: the same model)."""
+    torch.manual_seed(seed)
+    like = next(model.parameters())
+    grown = CausalDiT(replace(model.cfg, pixel_head=width)).to(like.device, like.dtype)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pixel_head.") for k in missing):
+        raise ConfigError(f"cannot add a pixel head: weights {missing + unexpected} do not match")
+    return grown
 
 
 def noise_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -141,7 +153,17 @@ class _Stage:
             self.pipeline.sampler = replace(
                 self.pipeline.sampler, still_threshold=cfg.still_threshold
             )
+        if cfg.pixel_head is not None and not self.pipeline.model.cfg.pixel_head:
+            self.pipeline.model = with_pixel_head(self.pipeline.model, cfg.pixel_head, cfg.seed)
         self.student = self.pipeline.model.to(device).train()
+        if cfg.trainable == "pixel_head":
+            if self.student.pixel_head is None:
+                raise ConfigError(
+                    'trainable = "pixel_head" needs a model with a pixel head: set pixel_head '
+                    "(its width) to add one"
+                )
+            self.student.requires_grad_(False)
+            self.student.pixel_head.requires_grad_(True)
         self.ema = copy.deepcopy(self.student).eval().requires_grad_(False)
 
         def frozen(path: str | None, what: str) -> torch.nn.Module | None:
@@ -171,7 +193,7 @@ class _Stage:
         self.modules: dict[str, torch.nn.Module] = {"student": self.student, "ema": self.ema}
         self.optimizers: dict[str, torch.optim.Optimizer] = {
             "student": torch.optim.AdamW(
-                self.student.parameters(),
+                [p for p in self.student.parameters() if p.requires_grad],
                 lr=cfg.lr,
                 betas=cfg.adam_betas,
                 weight_decay=cfg.weight_decay,

@@ -368,6 +368,7 @@ def test_get_config_lists_names_on_error() -> None:
         TINY.replace(cond="none", num_classes=0, class_tokens=0, num_actions=0),
         TINY.replace(patch=(2, 1, 2), cross_attn_norm=False, out_channels=6),
         get_config("breakout"),
+        get_config("breakout").replace(pixel_head=16),
     ],
 )
 def test_num_params_formula_matches_the_model(cfg: DiTConfig) -> None:
@@ -386,6 +387,7 @@ def test_wan_config_has_wan_shapes() -> None:
 def test_breakout_config_budget() -> None:
     cfg = get_config("breakout")
     assert cfg.num_params() <= 5_000_000
+    assert cfg.replace(pixel_head=16).num_params() <= 5_000_000  # the shipped model's
     assert cfg.cond == "none" and cfg.num_actions == 4 and cfg.frame_hw == (64, 64)
 
 

@@ -2,9 +2,9 @@
 
 A narrow version of the shipped ``breakout`` config runs every stage of the shipped model's
 recipe (``recipes/breakout``, as ``scripts/train-breakout.sh`` chains them: the five-part TF
-teacher, then TF-sCM), with the recipe's settings and fewer steps, on a few collected episodes
-of both datasets. The 1-step student, streamed with the still threshold the chain gives it,
-must then beat the copy-last-frame baseline on the pixels that actually change
+teacher, then TF-sCM, then the student's pixel head), with the recipe's settings and fewer
+steps, on a few collected episodes of both datasets. The 1-step model, streamed with the still
+threshold the chain gives it, must then beat the copy-last-frame baseline on the pixels that actually change
 (dynamic-region PSNR) at horizon 1, on held-out episodes.
 """
 
@@ -33,6 +33,7 @@ STAGES = (
     ("1-teacher-tf-keys", 100),
     ("1-teacher-tf", 100),
     ("causal-rcm/2-tf-scm", 100),
+    ("causal-rcm/3-pixel-head", 200),
 )
 
 
@@ -62,7 +63,9 @@ def test_a_small_breakout_model_beats_copying_the_last_frame(tmp_path: Path, mon
         )
         assert cfg.data.path in datasets, cfg.data.path
         train(cfg, progress=False)
-    student = load_model("runs/breakout/causal-rcm/tf-scm/pipeline", steps=1, name="student")
+    shipped = "runs/breakout/causal-rcm/pixel-head/pipeline"
+    student = load_model(shipped, steps=1, name="student")
+    assert student.pipeline.model.cfg.pixel_head > 0
     assert student.pipeline.sampler.still_threshold > 0  # the stream holds still pixels
     report = evaluate(
         [student, CopyLastFrame()],

@@ -36,6 +36,7 @@ class Pin:
     dmd_weight: float | None = None
     fake_score_updates: int | None = None
     context_noise: float = 0.0  # context augmentation of a teacher-forced stage
+    trainable: str = "all"  # "pixel_head": a stage that trains the added pixel head alone
 
 
 def _moving_squares_recipes() -> dict[str, Pin]:
@@ -150,6 +151,13 @@ def _breakout_recipes() -> dict[str, Pin]:
         f"{b}/causal-rcm/3-sf-dmd": Pin(
             "sf-dmd", init=f"{b}/causal-rcm/2-tf-scm", teacher=base, schedule="cycled", **dmd
         ),
+        # The shipped model: the TF-sCM student with a pixel head trained on its own output.
+        f"{b}/causal-rcm/3-pixel-head": Pin(
+            "teacher-tf",
+            init=f"{b}/causal-rcm/2-tf-scm",
+            context_noise=0.1,
+            trainable="pixel_head",
+        ),
         f"{b}/self-forcing/2-ode-init": Pin(
             "ode-init", init=df, teacher=df, guidance=1.0, max_steps=4
         ),
@@ -211,6 +219,7 @@ def test_every_shipped_recipe_is_pinned():
 def test_shipped_recipe_stage_is_its_baseline(name):
     pin, cfg = PINS[name], _load(name)
     assert cfg.stage == pin.stage
+    assert cfg.trainable == pin.trainable, f"{name}: trainable"
 
     # The chain: each link is the run folder (`out`) of the named stage config.
     for field in ("init", "teacher", "dmd_teacher"):
