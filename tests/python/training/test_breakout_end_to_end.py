@@ -4,8 +4,8 @@ A narrow version of the shipped ``breakout`` config runs every stage of the ship
 recipe (``recipes/breakout``, as ``scripts/train-breakout.sh`` chains them: the five-part TF
 teacher, then TF-sCM, then the student's pixel head), with the recipe's settings and fewer
 steps, on a few collected episodes of both datasets. The 1-step model, streamed with the still
-threshold the chain gives it, must then beat the copy-last-frame baseline on the pixels that actually change
-(dynamic-region PSNR) at horizon 1, on held-out episodes.
+threshold the chain gives it, must then beat the copy-last-frame baseline on the pixels that
+actually change (dynamic-region PSNR) at horizon 1, on held-out episodes.
 """
 
 from __future__ import annotations
