@@ -51,6 +51,7 @@ chain_a() {  # Causal-rCM, then joint rCM
   train teacher-tf 1-teacher-tf-keys 15 batch_size=32 steps=100000
   train teacher-tf 1-teacher-tf 15 batch_size=32 steps=100000
   train tf-scm causal-rcm/2-tf-scm 60 batch_size=32 steps=100000
+  train teacher-tf causal-rcm/3-pixel-head-tf 20 batch_size=32 steps=100000
   train teacher-tf causal-rcm/3-pixel-head 30 batch_size=32 steps=100000
   train sf-dmd causal-rcm/3-sf-dmd 90 batch_size=16 steps=100000
   train joint-rcm joint-rcm/2-joint-rcm 60 batch_size=16 steps=100000

@@ -35,6 +35,7 @@ a=$!
 train base 0-base 1 >> logs/base.log 2>&1 &
 b=$!
 wait $a $b
+train teacher-tf causal-rcm/3-pixel-head-tf 2 >> logs/main.log 2>&1
 train teacher-tf causal-rcm/3-pixel-head 2 >> logs/main.log 2>&1
 train sf-dmd causal-rcm/3-sf-dmd 2 >> logs/main.log 2>&1
 

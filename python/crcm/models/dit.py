@@ -559,6 +559,7 @@ class CausalDiT(nn.Module):
         prev_B_T_C_H_W: Tensor | None = None,
         cross_kv: CrossKV | None = None,
         check_values: bool = True,
+        pixel_head: bool = True,
     ) -> Tensor:
         """Predict the RF velocity ``v = ε − x0`` for every frame.
 
@@ -583,6 +584,9 @@ class CausalDiT(nn.Module):
                 (ranges). Each check reads a tensor back to the host — a device sync, and a
                 graph break under ``torch.compile`` — so callers whose inputs are valid by
                 construction (the runtime's executor) pass False. Shapes are always checked.
+            pixel_head: False skips the pixel head (a model with ``pixel_head > 0``): for a
+                forward whose output nobody reads, such as the runtime's pass that only writes
+                a finished frame's K/V. The attention layers never read the head.
         Returns:
             ``v_B_T_C_H_W`` with ``out_channels`` channels, in ``x``'s dtype.
         With ``pt > 1``, ``s``, ``actions`` and ``frame_pos`` are read once per group of ``pt``
@@ -624,7 +628,9 @@ class CausalDiT(nn.Module):
         # Unpatchify: patch values are ordered (pt, ph, pw, C), as Wan's head.
         out = patches_B_L_P.reshape(B, grid_t, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
-        v = self.velocity_from_output(x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W, actions_B_T)
+        v = self.velocity_from_output(
+            x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W, actions_B_T, pixel_head=pixel_head
+        )
         return v.to(x_B_T_C_H_W.dtype)
 
     def velocity_from_output(
@@ -634,6 +640,8 @@ class CausalDiT(nn.Module):
         out: Tensor,
         prev_B_T_C_H_W: Tensor | None,
         actions_B_T: Tensor | None = None,
+        *,
+        pixel_head: bool = True,
     ) -> Tensor:
         """The velocity from the head's (unpatchified) output: the output itself for a v-head,
         ``(x_s − x0̂)/max(s, X0_MIN_S)`` for an x0-head, where ``x0̂`` is the output
@@ -647,7 +655,7 @@ class CausalDiT(nn.Module):
         if self.cfg.prediction == "x0-change":
             last_B_T_C_H_W = prev_B_T_C_H_W[:, :, -self.cfg.in_channels :]
             out = out + last_B_T_C_H_W.to(out.dtype)
-        if self.pixel_head is not None:
+        if self.pixel_head is not None and pixel_head:
             out = self.pixel_head(out, _wide(x_B_T_C_H_W), s_B_T, prev_B_T_C_H_W, actions_B_T)
         pt = self.cfg.patch[0]
         s_B_T = s_B_T.repeat_interleave(pt, dim=1) if pt > 1 else s_B_T
@@ -659,6 +667,8 @@ class CausalDiT(nn.Module):
         x_B_T_C_H_W: Tensor,
         prev_B_T_C_H_W: Tensor | None,
         actions_B_T: Tensor | None = None,
+        *,
+        pixel_head: bool = True,
     ) -> Tensor:
         """Patch embedding: ``[B, T, C, H, W]`` (with the previous frames and, for
         ``action_planes``, the one-hot actions on channels) → tokens ``[B, L, D]`` ordered

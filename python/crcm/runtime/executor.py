@@ -207,6 +207,9 @@ class Executor:
 
         attn_fn = self._attention(plan, items[rows], planes, T)
         self._remember_writes(plan, items, states, x_R, s_item, actions_R_T, prev_R)
+        # Only denoising rows' outputs are read: a forward of cache updates and context frames
+        # alone (it writes K/V) skips the model's pixel head.
+        read = any(k == DENOISE and not st.forced for k, st in zip(kinds, states, strict=True))
         # The inputs are valid by construction (the scheduler's times and positions, actions
         # checked when pushed): no value checks, so no device→host sync inside the forward.
         v_R = self._forward(
@@ -219,6 +222,7 @@ class Executor:
             prev_B_T_C_H_W=prev_R,
             cross_kv=kv_R,
             check_values=False,
+            pixel_head=read,
         )
 
         finished: list[tuple[StreamState, torch.Tensor, int]] = []

@@ -33,7 +33,8 @@ STAGES = (
     ("1-teacher-tf-keys", 100),
     ("1-teacher-tf", 100),
     ("causal-rcm/2-tf-scm", 100),
-    ("causal-rcm/3-pixel-head", 200),
+    ("causal-rcm/3-pixel-head-tf", 150),
+    ("causal-rcm/3-pixel-head", 50),
 )
 
 

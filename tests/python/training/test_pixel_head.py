@@ -114,10 +114,14 @@ def test_the_runtime_streams_what_the_rollout_generates_and_a_saved_model_keeps_
     smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(1,))
     actions = [0, 2, 3, 3, 2]
     rt = Runtime(loaded, max_streams=1, context_frames=8)
+    calls = []
+    loaded.model.pixel_head.register_forward_hook(lambda *a: calls.append(1))
     session = rt.open(sampler=smp, seed=3, max_frames=len(actions))
     session.push_actions(actions)
     rt.run_until_idle()
     frames = np.stack(session.read())
+    # The head runs for each generated frame, not in the passes that only write K/V.
+    assert smp.cache_update and len(calls) == len(actions)
     x0 = self_forcing_rollout(
         pipe.model,
         smp,

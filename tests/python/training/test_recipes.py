@@ -151,10 +151,17 @@ def _breakout_recipes() -> dict[str, Pin]:
         f"{b}/causal-rcm/3-sf-dmd": Pin(
             "sf-dmd", init=f"{b}/causal-rcm/2-tf-scm", teacher=base, schedule="cycled", **dmd
         ),
-        # The shipped model: the TF-sCM student with a pixel head trained on its own output.
-        f"{b}/causal-rcm/3-pixel-head": Pin(
+        # The shipped model: the TF-sCM student with a pixel head trained alone, on true
+        # context, then on its own frames.
+        f"{b}/causal-rcm/3-pixel-head-tf": Pin(
             "teacher-tf",
             init=f"{b}/causal-rcm/2-tf-scm",
+            context_noise=0.1,
+            trainable="pixel_head",
+        ),
+        f"{b}/causal-rcm/3-pixel-head": Pin(
+            "teacher-tf",
+            init=f"{b}/causal-rcm/3-pixel-head-tf",
             context_noise=0.1,
             trainable="pixel_head",
         ),
