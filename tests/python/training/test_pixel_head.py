@@ -10,35 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from world_models import WM, check_jvp_against_differences, randomized, stream_and_rollout
 
 from crcm.data.dataset import CollectConfig, collect
 from crcm.errors import ConfigError
-from crcm.masks import block_causal_mask
-from crcm.models import CausalDiT, get_config
+from crcm.models import CausalDiT
 from crcm.models.dit import preceding_frames
 from crcm.pipeline import Pipeline, load
 from crcm.runtime import Runtime
 from crcm.sampling import SamplerConfig
 from crcm.training.config import load_config
-from crcm.training.jvp import model_jvp
-from crcm.training.self_forcing import self_forcing_rollout
 from crcm.training.trainer import train, with_pixel_head
-
-# An action-only world model, like the shipped Breakout config, at test size.
-WM = get_config("tiny").replace(
-    cond="none", num_classes=0, class_tokens=0, prev_frames=2, prediction="x0-change"
-)
-
-
-def randomized(model: CausalDiT, seed: int = 0) -> CausalDiT:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            is_norm = name.endswith(("norm_q.weight", "norm_k.weight"))
-            p.copy_(1.0 + 0.1 * noise if is_norm else 0.3 * noise)
-    return model.eval().requires_grad_(False)
 
 
 def inputs(seed: int = 1, B: int = 2, T: int = 3):
@@ -82,18 +64,7 @@ def test_model_jvp_runs_through_the_pixel_head():
     differences of the whole forward."""
     model = randomized(CausalDiT(WM.replace(pixel_head=4)).double())
     x, s, kw = inputs(seed=2, T=4)
-    t_x, t_s = torch.randn_like(x), torch.randn_like(s)
-    mask = block_causal_mask(4, 1, WM.tokens_per_frame)
-    v, t_v = model_jvp(model, x, s, t_x, t_s, mask=mask, backend="torch", **kw)
-
-    def whole(x, s):
-        return model(x, s, attention=mask, **kw)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        h = 1e-7
-        fd = (whole(x + h * t_x, s + h * t_s) - whole(x - h * t_x, s - h * t_s)) / (2 * h)
-    torch.testing.assert_close(v, whole(x, s), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(t_v, fd, rtol=1e-4, atol=1e-4)
+    check_jvp_against_differences(model, x, s, **kw)
 
 
 def test_the_runtime_streams_what_the_rollout_generates_and_a_saved_model_keeps_its_head(
@@ -113,25 +84,16 @@ def test_the_runtime_streams_what_the_rollout_generates_and_a_saved_model_keeps_
         torch.testing.assert_close(loaded.model.state_dict()[name], p)
     smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(1,))
     actions = [0, 2, 3, 3, 2]
-    rt = Runtime(loaded, max_streams=1, context_frames=8)
+    frames, expected = stream_and_rollout(loaded, smp, actions)
+    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
+    # The stream runs the head once per generated frame, not in the passes that only write
+    # K/V (the clean cache update of each frame).
     calls = []
     loaded.model.pixel_head.register_forward_hook(lambda *a: calls.append(1))
-    session = rt.open(sampler=smp, seed=3, max_frames=len(actions))
-    session.push_actions(actions)
+    rt = Runtime(loaded, max_streams=1, context_frames=8)
+    rt.open(sampler=smp, seed=3, max_frames=len(actions)).push_actions(actions)
     rt.run_until_idle()
-    frames = np.stack(session.read())
-    # The head runs for each generated frame, not in the passes that only write K/V.
     assert smp.cache_update and len(calls) == len(actions)
-    x0 = self_forcing_rollout(
-        pipe.model,
-        smp,
-        1,
-        len(actions),
-        actions_B_T=torch.tensor([actions]),
-        generator=torch.Generator().manual_seed(3),
-    )
-    expected = pipe.codec.decode(x0)[0].numpy()
-    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.fixture(scope="module")

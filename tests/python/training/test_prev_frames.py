@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from world_models import WM, check_jvp_against_differences, randomized, stream_and_rollout
 
 from crcm.errors import ConfigError
 from crcm.masks import block_causal_mask, teacher_forcing_mask
@@ -24,23 +24,7 @@ from crcm.runtime import Runtime
 from crcm.sampling import SamplerConfig, hold_still_pixels
 from crcm.training import objectives as obj
 from crcm.training.config import TrainConfig
-from crcm.training.jvp import model_jvp
 from crcm.training.self_forcing import self_forcing_rollout
-
-# An action-only world model, like the shipped Breakout config, at test size.
-WM = get_config("tiny").replace(
-    cond="none", num_classes=0, class_tokens=0, prev_frames=2, prediction="x0-change"
-)
-
-
-def randomized(model: CausalDiT, seed: int = 0) -> CausalDiT:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-            is_norm = name.endswith(("norm_q.weight", "norm_k.weight"))
-            p.copy_(1.0 + 0.1 * noise if is_norm else 0.3 * noise)
-    return model.eval().requires_grad_(False)
 
 
 def test_preceding_frames_reads_the_frames_before_each_frame():
@@ -109,22 +93,9 @@ def test_model_jvp_holds_the_previous_frames_fixed():
     B, T = 2, 4
     x = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen, dtype=torch.float64)
     s = 0.1 + 0.8 * torch.rand(B, T, generator=gen, dtype=torch.float64)
-    t_x, t_s = torch.randn_like(x), torch.randn_like(s)
     prev = preceding_frames(torch.randn_like(x), WM.prev_frames)
-    mask = block_causal_mask(T, 1, WM.tokens_per_frame)
     actions = torch.randint(0, WM.num_actions, (B, T), generator=gen)
-    kw = dict(actions_B_T=actions, prev_B_T_C_H_W=prev)
-    v, t_v = model_jvp(model, x, s, t_x, t_s, mask=mask, backend="torch", **kw)
-
-    def whole(x, s):
-        return model(x, s, attention=mask, **kw)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        h = 1e-7
-        fd = (whole(x + h * t_x, s + h * t_s) - whole(x - h * t_x, s - h * t_s)) / (2 * h)
-    assert t_v.abs().max() > 1e-2
-    torch.testing.assert_close(v, whole(x, s), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(t_v, fd, rtol=1e-4, atol=1e-4)
+    check_jvp_against_differences(model, x, s, actions_B_T=actions, prev_B_T_C_H_W=prev)
 
 
 def test_teacher_forcing_noisy_half_sees_the_clean_frames_before_it():
@@ -231,21 +202,7 @@ def test_streaming_feeds_the_frames_the_rollout_feeds(world_model, cache_update)
     """The runtime's stream equals the training rollout (self forcing) for the same seed: the
     executor keeps each stream's finished frames as the model's previous frames."""
     smp = SamplerConfig(chunk_frames=1, steps_per_chunk=(2,), cache_update=cache_update)
-    actions = [0, 2, 3, 3, 2, 1]
-    rt = Runtime(world_model, max_streams=2, context_frames=8)
-    session = rt.open(sampler=smp, seed=3, max_frames=len(actions))
-    session.push_actions(actions)
-    rt.run_until_idle()
-    frames = np.stack(session.read())
-    x0 = self_forcing_rollout(
-        world_model.model,
-        smp,
-        1,
-        len(actions),
-        actions_B_T=torch.tensor([actions]),
-        generator=torch.Generator().manual_seed(3),
-    )
-    expected = world_model.codec.decode(x0)[0].numpy()
+    frames, expected = stream_and_rollout(world_model, smp, [0, 2, 3, 3, 2, 1])
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
 
 
