@@ -376,6 +376,16 @@ class Head(nn.Module):
 # The model
 
 
+def action_planes(actions_B_T: Tensor | None, num_actions: int, like_B_T_C_H_W: Tensor) -> Tensor:
+    """One-hot action planes ``[B, T, num_actions + 1, H, W]`` shaped and typed like ``like``:
+    one plane per action id, the last for the null action (``None`` = all null)."""
+    B, T, _, H, W = like_B_T_C_H_W.shape
+    if actions_B_T is None:
+        actions_B_T = torch.full((B, T), num_actions, device=like_B_T_C_H_W.device)
+    one_hot = F.one_hot(actions_B_T.long(), num_actions + 1).to(like_B_T_C_H_W.dtype)
+    return one_hot[..., None, None].expand(-1, -1, -1, H, W)
+
+
 class PixelHead(nn.Module):
     """Full-resolution correction of a clean-frame estimate (``DiTConfig.pixel_head``).
 
@@ -388,7 +398,7 @@ class PixelHead(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         width = cfg.pixel_head
-        self.num_planes = cfg.num_actions + 1 if cfg.num_actions else 0
+        self.num_actions = cfg.num_actions
         self.net = nn.Sequential(
             nn.Conv2d(cfg.pixel_head_inputs, width, 5, padding=2),
             nn.GELU(approximate="tanh"),
@@ -415,11 +425,8 @@ class PixelHead(nn.Module):
         parts = [x0_B_T_C_H_W, x_B_T_C_H_W, s_B_T[:, :, None, None, None].expand(B, T, 1, H, W)]
         if prev_B_T_C_H_W is not None:
             parts.append(prev_B_T_C_H_W)
-        if self.num_planes:
-            if actions_B_T is None:  # the null action
-                actions_B_T = torch.full((B, T), self.num_planes - 1, device=x0_B_T_C_H_W.device)
-            one_hot = F.one_hot(actions_B_T.long(), self.num_planes)
-            parts.append(one_hot[..., None, None].expand(B, T, self.num_planes, H, W))
+        if self.num_actions:
+            parts.append(action_planes(actions_B_T, self.num_actions, x0_B_T_C_H_W))
         inputs = torch.cat([p.to(dtype) for p in parts], dim=2).flatten(0, 1)
         correction = self.net(inputs).unflatten(0, (B, T))
         return x0_B_T_C_H_W + correction.to(x0_B_T_C_H_W.dtype)
@@ -667,8 +674,6 @@ class CausalDiT(nn.Module):
         x_B_T_C_H_W: Tensor,
         prev_B_T_C_H_W: Tensor | None,
         actions_B_T: Tensor | None = None,
-        *,
-        pixel_head: bool = True,
     ) -> Tensor:
         """Patch embedding: ``[B, T, C, H, W]`` (with the previous frames and, for
         ``action_planes``, the one-hot actions on channels) → tokens ``[B, L, D]`` ordered
@@ -676,11 +681,7 @@ class CausalDiT(nn.Module):
         if prev_B_T_C_H_W is not None:
             x_B_T_C_H_W = torch.cat([x_B_T_C_H_W, prev_B_T_C_H_W.to(x_B_T_C_H_W.dtype)], dim=2)
         if self.cfg.action_planes:
-            B, T, _, H, W = x_B_T_C_H_W.shape
-            if actions_B_T is None:
-                actions_B_T = torch.full((B, T), self.null_action, device=x_B_T_C_H_W.device)
-            one_hot = F.one_hot(actions_B_T.long(), self.cfg.num_actions + 1)
-            planes = one_hot.to(x_B_T_C_H_W.dtype)[..., None, None].expand(-1, -1, -1, H, W)
+            planes = action_planes(actions_B_T, self.cfg.num_actions, x_B_T_C_H_W)
             x_B_T_C_H_W = torch.cat([x_B_T_C_H_W, planes], dim=2)
         conv_in = x_B_T_C_H_W.transpose(1, 2).to(self.patch_embedding.weight.dtype)
         tokens_B_D_t_h_w = self.patch_embedding(conv_in)
