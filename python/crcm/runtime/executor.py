@@ -78,6 +78,21 @@ class WrittenChunk:
 
 
 @dataclass
+class Row:
+    """One batch row of a forward: a chunk's input, where it attends and what it writes."""
+
+    x: torch.Tensor  # [T, C, H, W] in model space
+    s: float  # the network's time (0 for a clean chunk)
+    frame_start: int
+    actions: torch.Tensor | None  # [T] action ids (null where none)
+    prev: torch.Tensor | None  # [T, k·C, H, W] (prev_frames)
+    context: RowPages  # the pages it attends to, and its cache plane
+    write_pages: np.ndarray  # int32 pages its K/V go to (empty: it writes none)
+    cond: torch.Tensor | None = None  # its condition row (class or uncached text models)
+    cross_kv: CrossKV | None = None  # its condition's K/V (text models)
+
+
+@dataclass
 class StreamState:
     """What the executor keeps per stream between plans (the page pool keeps its K/V)."""
 
@@ -138,6 +153,10 @@ class Executor:
         # Reuse each stream's condition K/V across forwards (text models); False recomputes
         # them at every forward from the condition tokens (the model's plain path).
         self.cache_cross_kv = model.cfg.cond == "text"
+        # Whether a stream's next chunk can start at once (the runtime's answer): its cache
+        # update is then fused into that chunk's forward (see _hold). None: never fused.
+        self.next_chunk_ready: Callable[[int], bool] | None = None
+        self._deferred: dict[int, Row] = {}  # held-back cache-update rows, by stream
 
     @property
     def compiled(self) -> bool:
@@ -155,16 +174,68 @@ class Executor:
 
     def remove_stream(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._deferred.pop(stream_id, None)  # its pages go back: nothing reads them again
 
     @torch.inference_mode()
     def run(self, plan: _native.Plan) -> None:
-        """Runs every item of ``plan`` (one forward per distinct chunk size)."""
+        """Runs every item of ``plan`` (one forward per distinct chunk size); cache updates
+        whose stream can go on at once are held back for its next forward (:meth:`_hold`)."""
+        held = self._hold(plan)
         num_frames = plan.num_frames
-        for T in np.unique(num_frames):
-            self._run_group(plan, np.flatnonzero(num_frames == T), int(T))
+        for T in np.unique(num_frames[~held]):
+            self._run_group(plan, np.flatnonzero((num_frames == T) & ~held), int(T))
+
+    @torch.inference_mode()
+    def flush(self, stream_id: int) -> None:
+        """Runs the stream's held-back cache update now, if it has one (before a fork shares
+        its pages)."""
+        if (held := self._deferred.pop(stream_id, None)) is not None:
+            self._run_held(held)
+
+    def _run_held(self, held: Row) -> None:
+        self._settle(held.write_pages.tolist())
+        self._forward_rows([held], head_rows=0)
+
+    def _settle(self, pages: list[int]) -> None:
+        """Runs first every held update that reads or writes one of ``pages``, about to be
+        written: a page its stream let go of (the window moved on) that another stream now
+        holds. Each runs after the held updates its own writes would disturb; there is no
+        cycle, since a page changes hands only after the stream that let it go committed."""
+        pages = set(pages)
+        for sid in list(self._deferred):
+            held = self._deferred.get(sid)
+            if held is None:
+                continue
+            touched = held.context.page_ids.tolist() + held.write_pages.tolist()
+            if not pages.isdisjoint(touched):
+                self.flush(sid)
+
+    def _hold(self, plan: _native.Plan) -> np.ndarray:
+        """The fused cache update: the plan's cache-update items of streams whose next chunk
+        can start now (:attr:`next_chunk_ready`) become rows of that chunk's first forward
+        instead of forwards of their own. Per layer a forward writes every row's K/V before
+        any row attends, so the next chunk reads exactly what a separate pass would have
+        written, and a stream at one step runs one forward per chunk instead of two. A stream
+        that waits (for a key press) runs its update at once, while it waits. Text models
+        (condition switches re-cache from the written chunks) and guided streams are not
+        fused. Returns which items were held."""
+        held = np.zeros(len(plan), dtype=bool)
+        if self.next_chunk_ready is None or self.model.cfg.cond == "text":
+            return held
+        for i in np.flatnonzero(plan.kind == CACHE_UPDATE):
+            sid = int(plan.stream_ids[i])
+            st = self.streams[sid]
+            if st.guided or not self.next_chunk_ready(sid):
+                continue
+            self.flush(sid)  # none by construction: its last forward ran or flushed it
+            T = int(plan.num_frames[i])
+            row = self._plan_row(plan, int(i), 0, st.x0, 0.0, st.prev, T)
+            row.cond = st.cond
+            self._deferred[sid] = row
+            held[i] = True
+        return held
 
     def _run_group(self, plan: _native.Plan, items: np.ndarray, T: int) -> None:
-        dev = self._device
         states = [self.streams[int(sid)] for sid in plan.stream_ids[items]]
         kinds = plan.kind[items]
         s_item = np.where(kinds == CACHE_UPDATE, 0.0, plan.s[items]).astype(np.float32)
@@ -174,45 +245,140 @@ class Executor:
             if kinds[j] == DENOISE and st.sampler.model_times is not None:
                 s_item[j] = st.sampler.model_time_of(int(plan.step[items[j]]))
 
-        x_rows = []
+        rows: list[Row] = []
+        row_of: dict[int, int] = {}  # item j -> its (conditional) row
         for j, st in enumerate(states):
-            if kinds[j] == DENOISE and plan.step[items[j]] == 0:
+            i = int(items[j])
+            if kinds[j] == DENOISE and plan.step[i] == 0:
                 if st.pending_cond is not None:
-                    self._switch_cond(int(plan.stream_ids[items[j]]), st)
+                    self._switch_cond(int(plan.stream_ids[i]), st)
                 self._start_chunk(st, T)
+            writes = plan.write_indptr[i + 1] > plan.write_indptr[i]
+            if st.forced and kinds[j] == DENOISE and not writes:
+                continue  # a context frame whose K/V its cache update writes: nothing to run
             if st.forced:  # a context frame: the clean frame at s = 0, every pass
                 s_item[j] = 0.0
-                x_rows.append(st.x0)
-            elif kinds[j] == DENOISE:
-                x_rows.append(st.x)
-            else:
-                x_rows.append(st.x0)
+            x = st.x if kinds[j] == DENOISE and not st.forced else st.x0
+            row_of[j] = len(rows)
+            rows.append(self._plan_row(plan, i, 0, x, float(s_item[j]), st.prev, T))
         # Guided streams get a second, unconditional row reading/writing cache plane 1.
-        guided = [j for j, st in enumerate(states) if st.guided]
-        rows = list(range(len(items))) + guided
-        planes = [0] * len(items) + [1] * len(guided)
-        x_R = torch.stack([x_rows[j] for j in rows])
-        s_R_T = torch.from_numpy(s_item[rows]).to(dev)[:, None].expand(-1, T)
-        frame_start = torch.from_numpy(plan.frame_start[items][rows]).to(dev)
+        guided = [j for j in row_of if states[j].guided]
+        uncond_of = {j: len(rows) + k for k, j in enumerate(guided)}
+        for j in guided:
+            r = rows[row_of[j]]
+            rows.append(self._plan_row(plan, int(items[j]), 1, r.x, r.s, r.prev, T))
+        if self.model.cfg.num_actions and self.model.cfg.cond == "none":
+            # Without a per-video condition the actions are the condition: the unconditional
+            # rows see the null action.
+            for j in guided:
+                rows[uncond_of[j]].actions = torch.full_like(
+                    rows[uncond_of[j]].actions, self.model.null_action
+                )
+        self._set_conds(states, rows, row_of, uncond_of)
+        self._remember_writes(plan, items, states, rows, row_of)
+
+        # Held-back cache updates of these streams join this forward. Any held update that
+        # this forward would disturb runs first, and so does a joining one that would read a
+        # page another row of this forward writes.
+        joining = [
+            held
+            for sid in {int(sid) for sid in plan.stream_ids[items]}
+            if (held := self._deferred.pop(sid, None)) is not None
+        ]
+        written = [int(p) for r in rows + joining for p in r.write_pages]
+        self._settle(written)
+        clear = []
+        for held in joining:
+            others = set(written).difference(held.write_pages.tolist())
+            if held.x.shape[0] == T and others.isdisjoint(held.context.page_ids.tolist()):
+                clear.append(held)
+            else:
+                self._run_held(held)
+
+        # Only denoising rows' outputs are read: the model's pixel head skips the held updates
+        # (the last rows), and a forward of cache updates and context frames alone.
+        read = any(kinds[j] == DENOISE and not states[j].forced for j in row_of)
+        v_R = None
+        if rows or clear:
+            v_R = self._forward_rows(rows + clear, head_rows=len(rows) if read else 0)
+
+        finished: list[tuple[StreamState, torch.Tensor, int]] = []
+        for j, st in enumerate(states):
+            if kinds[j] != DENOISE:
+                continue
+            i = items[j]
+            s, s_next = float(plan.s[i]), float(plan.s_next[i])
+            if st.forced:
+                x0 = st.x0
+            else:
+                v = v_R[row_of[j]]
+                if st.guided:
+                    v_uncond = v_R[uncond_of[j]]
+                    v = v_uncond + st.sampler.cfg_scale * (v - v_uncond)
+                if st.sampler.kind == "euler":
+                    x0, st.x = euler_step(st.x, v, s, s_next)
+                else:
+                    noise = self._noise(st, T) if s_next > 0 else torch.zeros_like(st.x)
+                    x0, st.x = consistency_step(st.x, v, s, s_next, noise)
+            if plan.emits_frames[i]:
+                st.x0 = x0 = self._finish_chunk(st, x0)
+                finished.append((st, x0, int(plan.frame_start[i])))
+        if finished:
+            self._emit(finished)
+
+    def _plan_row(
+        self,
+        plan: _native.Plan,
+        i: int,
+        plane: int,
+        x: torch.Tensor,
+        s: float,
+        prev: torch.Tensor | None,
+        T: int,
+    ) -> Row:
+        """Item ``i``'s row on cache ``plane``: its input, context pages and write pages."""
+        actions = None
+        if self.model.cfg.num_actions:
+            a = plan.actions[plan.frame_indptr[i] : plan.frame_indptr[i] + T]
+            a = np.where(a < 0, self.model.null_action, a)
+            actions = torch.from_numpy(a).to(self._device)
+        a, b = plan.kv_indptr[i], plan.kv_indptr[i + 1]
+        return Row(
+            x=x,
+            s=s,
+            frame_start=int(plan.frame_start[i]),
+            actions=actions,
+            prev=prev if self.model.cfg.prev_frames else None,
+            context=RowPages(plan.kv_page_ids[a:b], plan.kv_page_lens[a:b], plane),
+            write_pages=plan.write_page_ids[plan.write_indptr[i] : plan.write_indptr[i + 1]],
+        )
+
+    def _forward_rows(self, rows: list[Row], head_rows: int) -> torch.Tensor:
+        """One batched forward over ``rows`` (all of one chunk size): writes their K/V where
+        due and returns the velocity of every row; the pixel head runs on the first
+        ``head_rows`` rows only."""
+        dev = self._device
+        T = rows[0].x.shape[0]
+        x_R = torch.stack([r.x for r in rows])
+        s_R_T = torch.tensor([r.s for r in rows], dtype=torch.float32, device=dev)
+        s_R_T = s_R_T[:, None].expand(-1, T)
+        frame_start = torch.tensor([r.frame_start for r in rows], device=dev)
         pos_R_T = frame_start[:, None] + torch.arange(T, device=dev)
-        actions_R_T = self._actions(plan, items, T, rows)
-        cond_R = kv_R = None
-        if self.cache_cross_kv:
-            kv_R = self._cross_kv(states, rows, n_cond=len(items))
-        else:
-            cond_R = self._cond(states, rows, n_cond=len(items))
+        actions_R_T = None
+        if self.model.cfg.num_actions:
+            actions_R_T = torch.stack([r.actions for r in rows])
         prev_R = None
         if self.model.cfg.prev_frames:
-            prev_R = torch.stack([states[j].prev for j in rows])
-
-        attn_fn = self._attention(plan, items[rows], planes, T)
-        self._remember_writes(plan, items, states, x_R, s_item, actions_R_T, prev_R)
-        # Only denoising rows' outputs are read: a forward of cache updates and context frames
-        # alone (it writes K/V) skips the model's pixel head.
-        read = any(k == DENOISE and not st.forced for k, st in zip(kinds, states, strict=True))
+            prev_R = torch.stack([r.prev for r in rows])
+        cond_R = kv_R = None
+        if self.cache_cross_kv:
+            kv_R = CrossKV.cat([r.cross_kv for r in rows])
+        elif self.model.cfg.cond != "none":
+            cond_R = torch.cat([r.cond for r in rows])
+        attn_fn = self._attention(rows, T)
         # The inputs are valid by construction (the scheduler's times and positions, actions
         # checked when pushed): no value checks, so no device→host sync inside the forward.
-        v_R = self._forward(
+        return self._forward(
             x_R,
             s_R_T,
             frame_pos_B_T=pos_R_T,
@@ -222,31 +388,8 @@ class Executor:
             prev_B_T_C_H_W=prev_R,
             cross_kv=kv_R,
             check_values=False,
-            pixel_head=read,
+            pixel_head_rows=head_rows,
         )
-
-        finished: list[tuple[StreamState, torch.Tensor, int]] = []
-        for j, st in enumerate(states):
-            if kinds[j] != DENOISE:
-                continue
-            v = v_R[j]
-            if st.guided:
-                v_uncond = v_R[len(items) + guided.index(j)]
-                v = v_uncond + st.sampler.cfg_scale * (v - v_uncond)
-            i = items[j]
-            s, s_next = float(plan.s[i]), float(plan.s_next[i])
-            if st.forced:
-                x0 = st.x0
-            elif st.sampler.kind == "euler":
-                x0, st.x = euler_step(st.x, v, s, s_next)
-            else:
-                noise = self._noise(st, T) if s_next > 0 else torch.zeros_like(st.x)
-                x0, st.x = consistency_step(st.x, v, s, s_next, noise)
-            if plan.emits_frames[i]:
-                st.x0 = x0 = self._finish_chunk(st, x0)
-                finished.append((st, x0, int(plan.frame_start[i])))
-        if finished:
-            self._emit(finished)
 
     def _emit(self, finished: list[tuple[StreamState, torch.Tensor, int]]) -> None:
         """Decodes the finished chunks in one call and hands each stream its frames."""
@@ -289,19 +432,17 @@ class Executor:
         plan: _native.Plan,
         items: np.ndarray,
         states: list[StreamState],
-        x_R: torch.Tensor,
-        s_item: np.ndarray,
-        actions_R_T: torch.Tensor | None,
-        prev_R: torch.Tensor | None,
+        rows: list[Row],
+        row_of: dict[int, int],
     ) -> None:
         """Keeps the inputs of each conditional row that writes K/V (text models only)."""
         if self.model.cfg.cond != "text":
             return
-        for j, st in enumerate(states):
-            i = items[j]
-            if plan.write_indptr[i + 1] == plan.write_indptr[i]:
+        for j, r in row_of.items():
+            st, row = states[j], rows[r]
+            if not len(row.write_pages):
                 continue
-            frame = int(plan.frame_start[i])
+            frame = int(plan.frame_start[items[j]])
             # Only chunks that can still be in the cache are kept: the sink and the window.
             sampler = st.sampler
             oldest = None if sampler.window_frames is None else frame - sampler.window_frames
@@ -318,10 +459,10 @@ class Executor:
             st.written.append(
                 WrittenChunk(
                     frame,
-                    x_R[j].clone(),
-                    float(s_item[j]),
-                    None if actions_R_T is None else actions_R_T[j].clone(),
-                    None if prev_R is None else prev_R[j].clone(),
+                    row.x.clone(),
+                    row.s,
+                    None if row.actions is None else row.actions.clone(),
+                    None if row.prev is None else row.prev.clone(),
                 )
             )
 
@@ -387,85 +528,55 @@ class Executor:
         noise = torch.randn((T, *self.latent_chw), generator=st.generator)
         return noise.to(self._device, self.cache.k.dtype)
 
-    def _actions(
-        self, plan: _native.Plan, items: np.ndarray, T: int, rows: list[int]
-    ) -> torch.Tensor | None:
-        if not self.model.cfg.num_actions:
-            return None
-        starts = plan.frame_indptr[items][rows]
-        a = plan.actions[starts[:, None] + np.arange(T)]
-        a = np.where(a < 0, self.model.null_action, a)
+    def _set_conds(
+        self,
+        states: list[StreamState],
+        rows: list[Row],
+        row_of: dict[int, int],
+        uncond_of: dict[int, int],
+    ) -> None:
+        """Each row's condition: the stream's own for its conditional row; for the
+        unconditional row of a guided stream, the stream's negative condition where it has
+        one, else the model's null condition. Text models take the condition's cross-attention
+        K/V, each stream's cached ones (made here at its first forward)."""
         if self.model.cfg.cond == "none":
-            # Without a per-video condition the actions are the condition: the unconditional
-            # rows of guided streams (after the first len(items)) see the null action.
-            a[len(items) :] = self.model.null_action
-        return torch.from_numpy(a).to(self._device)
-
-    def _cond(self, states: list[StreamState], rows: list[int], n_cond: int) -> torch.Tensor | None:
-        if self.model.cfg.cond == "none":
-            return None
-        # The unconditional rows of guided streams (after the first n_cond) take the stream's
-        # negative condition where it has one, else the model's null condition.
-        negative = [k >= n_cond and states[j].uncond is not None for k, j in enumerate(rows)]
-        cond = torch.cat(
-            [
-                states[j].uncond if neg else states[j].cond
-                for j, neg in zip(rows, negative, strict=True)
-            ]
-        )
-        drop = torch.zeros(len(rows), dtype=torch.bool, device=cond.device)
-        drop[n_cond:] = True
-        drop[torch.tensor(negative, dtype=torch.bool, device=cond.device)] = False
-        return self.model.drop_cond(cond, drop)
-
-    def _cross_kv(self, states: list[StreamState], rows: list[int], n_cond: int) -> CrossKV:
-        """The rows' condition K/V, each stream's cached ones (made here at its first forward):
-        the conditional rows (the first n_cond) from ``cond``, the unconditional rows of guided
-        streams from the negative condition where the stream has one, else the null condition
-        (as :meth:`_cond`)."""
-        parts = []
-        for r, j in enumerate(rows):
+            return
+        for j, r in row_of.items():
             st = states[j]
-            if r < n_cond:
+            if self.cache_cross_kv:
                 if st.cond_kv is None or st.cond_kv[0] is not st.cond:
                     st.cond_kv = (st.cond, self.model.cross_kv(st.cond))
-                parts.append(st.cond_kv[1])
+                rows[r].cross_kv = st.cond_kv[1]
             else:
+                rows[r].cond = st.cond
+        for j, r in uncond_of.items():
+            st = states[j]
+            cond = st.uncond
+            if cond is None and st.cond is not None:  # the null condition
+                drop = torch.ones(1, dtype=torch.bool, device=st.cond.device)
+                cond = self.model.drop_cond(st.cond, drop)
+            if self.cache_cross_kv:
                 if st.uncond_kv is None or st.uncond_kv[0] is not st.uncond:
-                    cond = st.uncond
-                    if cond is None and st.cond is not None:  # the null condition, as _cond
-                        drop = torch.ones(1, dtype=torch.bool, device=st.cond.device)
-                        cond = self.model.drop_cond(st.cond, drop)
                     st.uncond_kv = (st.uncond, self.model.cross_kv(cond))
-                parts.append(st.uncond_kv[1])
-        return CrossKV.cat(parts)
+                rows[r].cross_kv = st.uncond_kv[1]
+            else:
+                rows[r].cond = cond
 
-    def _attention(
-        self, plan: _native.Plan, row_items: np.ndarray, planes: list[int], T: int
-    ) -> PlanAttention:
+    def _attention(self, rows: list[Row], T: int) -> PlanAttention:
         """The model's ``attn_fn`` for these rows: write K/V where due, attend over pages."""
         dev = self._device
         cache = self.cache
-        L = T * cache.tokens_per_frame
         ppf = cache.pages_per_frame
-
-        # Writes: (plane, row, flat slots) for rows whose item stores its K/V this pass.
+        # Writes: (plane, row, flat slots) for rows that store their K/V this pass.
         writes: list[tuple[int, int, torch.Tensor]] = []
-        for r, (i, p) in enumerate(zip(row_items, planes, strict=True)):
-            a, b = plan.write_indptr[i], plan.write_indptr[i + 1]
-            if b > a:
-                pages = torch.from_numpy(plan.write_page_ids[a:b]).to(dev).view(T, ppf)
-                writes.append((p, r, cache.token_slots(pages)))
-
-        rows = [
-            RowPages(
-                plan.kv_page_ids[plan.kv_indptr[i] : plan.kv_indptr[i + 1]],
-                plan.kv_page_lens[plan.kv_indptr[i] : plan.kv_indptr[i + 1]],
-                p,
-            )
-            for i, p in zip(row_items, planes, strict=True)
-        ]
-        self._plan_attention.point_at(writes, self.attention.prepare(rows, L))
+        for r, row in enumerate(rows):
+            if len(row.write_pages):
+                pages = torch.from_numpy(row.write_pages).to(dev).view(T, ppf)
+                writes.append((row.context.plane, r, cache.token_slots(pages)))
+        contexts = [row.context for row in rows]
+        self._plan_attention.point_at(
+            writes, self.attention.prepare(contexts, T * cache.tokens_per_frame)
+        )
         return self._plan_attention
 
 

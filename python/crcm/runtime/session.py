@@ -230,6 +230,11 @@ class Runtime:
         compile: run the batched forwards through ``torch.compile``
             (:func:`crcm.runtime.executor.compile_forward`): faster per frame, at the cost of
             seconds of compilation at the first forwards; the model must not change afterwards.
+        fuse_cache_update: with a clean-context sampler (``cache_update=True``), run a chunk's
+            time-0 cache-update pass inside the next chunk's first forward when that chunk can
+            start at once (its actions are in): one batched forward per chunk at one step
+            instead of two, with the same frames. A stream that waits for its next action
+            runs the pass while it waits, so a key press still costs one forward.
     """
 
     def __init__(
@@ -243,6 +248,7 @@ class Runtime:
         attention_backend: str = "auto",
         max_batch_tokens: int | None = None,
         compile: bool = False,
+        fuse_cache_update: bool = True,
     ) -> None:
         max_streams = _int_arg("max_streams", max_streams, 1, MAX_PAGES + 1)
         if context_frames is not None:
@@ -297,6 +303,8 @@ class Runtime:
             page_table=self.scheduler.page_table,
             compile=compile,
         )
+        if fuse_cache_update:
+            self.executor.next_chunk_ready = self._next_chunk_ready
         self.sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # one plan at a time; guards sessions and the executor
@@ -673,8 +681,21 @@ class Runtime:
         self.scheduler.push_actions(sid, ids)
         self._wake.set()
 
+    def _next_chunk_ready(self, sid: int) -> bool:
+        """Whether the stream's next chunk can start at the next plan: its actions are in and
+        its frame buffer has room (the executor's question, see ``fuse_cache_update``)."""
+        session = self.sessions.get(sid)
+        if session is None or session._buffer_is_full():
+            return False
+        if not session.needs_actions:
+            return True
+        pending = int(self.scheduler.stream_stats(sid)["pending_actions"])
+        return pending >= session.sampler.chunk_frames
+
     def _fork(self, parent: Session, seed: int | None) -> Session:
         with self._lock:  # all or nothing, like open
+            # The child shares the parent's pages: they must hold every K/V first.
+            self.executor.flush(parent.id)
             sid = next(self._ids)
             session = Session(
                 self,

@@ -86,14 +86,38 @@ def test_the_runtime_streams_what_the_rollout_generates_and_a_saved_model_keeps_
     actions = [0, 2, 3, 3, 2]
     frames, expected = stream_and_rollout(loaded, smp, actions)
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
-    # The stream runs the head once per generated frame, not in the passes that only write
-    # K/V (the clean cache update of each frame).
-    calls = []
-    loaded.model.pixel_head.register_forward_hook(lambda *a: calls.append(1))
-    rt = Runtime(loaded, max_streams=1, context_frames=8)
-    rt.open(sampler=smp, seed=3, max_frames=len(actions)).push_actions(actions)
-    rt.run_until_idle()
-    assert smp.cache_update and len(calls) == len(actions)
+    # The stream runs the head once per generated frame, on that frame's row only: not in the
+    # passes that only write K/V (the clean cache update of each frame, alone or fused into
+    # the next frame's forward).
+    for fuse in (False, True):
+        head_rows, batch_rows = rows_through_head_and_model(loaded, smp, actions, fuse)
+        assert smp.cache_update and head_rows == [1] * len(actions)
+        assert max(batch_rows) == (2 if fuse else 1)  # fused: the update rode along, headless
+
+
+def rows_through_head_and_model(
+    pipe: Pipeline, sampler: SamplerConfig, actions: list[int], fuse: bool
+) -> tuple[list[int], list[int]]:
+    """Streams ``actions``; the rows of every pixel-head call and of every forward."""
+    head_rows: list[int] = []
+    hook = pipe.model.pixel_head.register_forward_hook(
+        lambda _module, args, _out: head_rows.append(args[0].shape[0])
+    )
+    rt = Runtime(pipe, max_streams=1, context_frames=8, fuse_cache_update=fuse)
+    batch_rows: list[int] = []
+    forward = rt.executor._forward
+
+    def counting(x, *args, **kwargs):
+        batch_rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    rt.executor._forward = counting
+    try:
+        rt.open(sampler=sampler, seed=3, max_frames=len(actions)).push_actions(actions)
+        rt.run_until_idle()
+    finally:
+        hook.remove()
+    return head_rows, batch_rows
 
 
 @pytest.fixture(scope="module")
