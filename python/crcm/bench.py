@@ -6,8 +6,10 @@ One row per setting::
     {"model", "steps", "chunk", "context", "streams", "fps", "first_frame_ms", "p50_frame_ms",
      "p99_frame_ms", "tick_us", "mfu"}
 
-- ``context``: ``"clean"`` (a time-0 cache-update pass after each chunk: steps + 1 forwards
-  per chunk) or ``"noisy"`` (the last denoising step's K/V are kept: steps forwards);
+- ``context``: ``"clean"`` (a time-0 cache-update pass after each chunk, fused into the next
+  chunk's first forward: steps forwards per chunk, one of them with an extra row),
+  ``"clean-unfused"`` (the same pass as a forward of its own: steps + 1 forwards) or
+  ``"noisy"`` (the last denoising step's K/V are kept: steps forwards);
 
 - ``fps``: frames emitted by all streams per second of wall time in steady state;
 - ``first_frame_ms``: a new session, from ``open`` to its first decoded frame (its first chunk);
@@ -94,6 +96,9 @@ def results_path(kind: str, info: dict[str, object] | None = None) -> Path:
     return folder / f"{kind}-{machine_slug(info)}.json"
 
 
+CONTEXTS = ("noisy", "clean", "clean-unfused")
+
+
 def forward_flops(pipeline: Pipeline, tokens: int, context_tokens: int) -> float:
     """Analytic FLOPs of one forward over ``tokens`` query tokens with ``context_tokens`` keys."""
     cfg = pipeline.model.cfg
@@ -122,8 +127,8 @@ def bench_streaming(
     which holds the compilation when compiled. So ``first_frame_ms`` is a new stream's first
     frame on a running runtime.
     """
-    if context not in ("clean", "noisy"):
-        raise ValueError(f"context must be 'clean' or 'noisy', got {context!r}")
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
     sampler = replace(
         pipeline.sampler,
         chunk_frames=chunk,
@@ -131,7 +136,7 @@ def bench_streaming(
         times=tuple(consistency_times(4)),
         kind="consistency",
         cfg_scale=1.0,
-        cache_update=context == "clean",
+        cache_update=context != "noisy",
     )
     total = warmup_frames + frames + chunk
     runtime = Runtime(
@@ -139,6 +144,7 @@ def bench_streaming(
         max_streams=streams + 1,
         context_frames=sampler.sink_frames + (sampler.window_frames or total) + chunk,
         compile=compile,
+        fuse_cache_update=context != "clean-unfused",
     )
     needs_actions = bool(pipeline.model.cfg.num_actions)
     rng = np.random.default_rng(seed)
@@ -380,7 +386,12 @@ def run_suite(
             )
             if chunk == 1:
                 bases.append(
-                    plain_pytorch_fps(pipeline, steps=n_steps, context=context, frames=frames)
+                    plain_pytorch_fps(
+                        pipeline,
+                        steps=n_steps,
+                        context="noisy" if context == "noisy" else "clean",
+                        frames=frames,
+                    )
                 )
         fps_runs = [float(r["fps"]) for r in runs]
         median = float(np.median(fps_runs))

@@ -40,6 +40,17 @@ def _steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+def _contexts(text: str) -> tuple[str, ...]:
+    from crcm.bench import CONTEXTS
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or any(n not in CONTEXTS for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(CONTEXTS)}, got {text!r}"
+        )
+    return names
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from crcm.demo import run_demo
 
@@ -85,6 +96,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipe,
         steps=args.steps,
         streams=streams,
+        contexts=args.contexts,
         compiles=(False, True) if args.compile else (False,),
         frames=16 if args.quick else 64,
         repeats=1 if args.quick else 3,
@@ -181,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="precision of the model (float32; bfloat16 is ~1.3x faster on CPUs with bfloat16 "
         "dot-product instructions, and on GPUs)",
+    )
+    bench.add_argument(
+        "--contexts",
+        type=_contexts,
+        default=("noisy", "clean"),
+        help="cache modes to measure: noisy, clean (the cache update fused into the next "
+        "frame's forward), clean-unfused (its own forward) (noisy,clean)",
     )
     bench.add_argument("--out", type=Path, help="write the results as JSON to this file")
     bench.set_defaults(func=_cmd_bench)

@@ -156,3 +156,17 @@ def test_cli_bench_writes_rows(tmp_path):
     for row in record["rows"]:
         assert set(row["phase_us"]) == phases and min(row["phase_us"].values()) >= 0
         assert row["phase_us"]["forward"] == max(row["phase_us"].values())
+
+
+def test_cli_bench_measures_the_fused_and_the_unfused_cache_update(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ("--steps", "1", "--streams", "1", "--contexts", "clean,clean-unfused")
+    result = _crcm("bench", "--model", "tiny", "--quick", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["context"] for row in rows] == ["clean", "clean-unfused"]
+    assert all(row["fps"] > 0 for row in rows)
+    bad = _crcm("bench", "--contexts", "clean,dirty")
+    assert bad.returncode != 0 and "clean-unfused" in bad.stderr
