@@ -547,7 +547,9 @@ class Runtime:
         elif actions is not None:
             raise ConfigError("this session takes no actions; pass context_actions=None")
         x = self.pipeline.codec.encode(torch.from_numpy(np.ascontiguousarray(frames))[None])[0]
-        return x.to(self.device, self.cache.k.dtype), ids
+        # Contiguous, as generated frames are: a compiled forward specialises on strides, and
+        # a channels-last context would compile it again at the stream's first forward.
+        return x.to(self.device, self.cache.k.dtype).contiguous(), ids
 
     def _sampler(
         self, sampler: SamplerConfig | str | None, steps: int | Sequence[int] | None
@@ -792,6 +794,17 @@ class Runtime:
         return time.perf_counter() - t0
 
     def _warm_up(self, streams: int, sampler: SamplerConfig | str | None) -> None:
+        # Both kinds of forward a stream runs: cache updates alone (a player waiting for a
+        # key) and fused into the next chunk's forward (actions queued).
+        fused = self.executor.next_chunk_ready
+        try:
+            for ready in dict.fromkeys((None, fused)):
+                self.executor.next_chunk_ready = ready
+                self._warm_up_streams(streams, sampler)
+        finally:
+            self.executor.next_chunk_ready = fused
+
+    def _warm_up_streams(self, streams: int, sampler: SamplerConfig | str | None) -> None:
         takes_actions = bool(self.pipeline.model.cfg.num_actions)
         for n in sorted({1, max(1, min(streams, self.max_streams))}):
             opened = []

@@ -9,6 +9,7 @@ that another stream took over, and a fork seeing every K/V of its parent.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_streaming import TOL, max_diff, record_latents, reference_rollout
@@ -131,3 +132,32 @@ def test_a_fork_sees_every_kv_of_its_parent(pipe):
     with torch.no_grad():
         ref = reference_rollout(pipe, sampler, 6, [0, 1, 2, 3, 1, 2], 1, 4)
     assert max_diff(latents[parent.id], ref) < TOL
+
+
+def test_after_warm_up_a_compiled_runtime_compiles_nothing_mid_stream(pipe):
+    """warm_up compiles both kinds of forward a stream runs: cache updates alone (a player
+    waiting for a key) and fused ones (keys queued). Neither a waiting player, nor queued
+    streams, nor a stream opened on context frames compiles anything afterwards: a compile in
+    the middle of a game stalls it for seconds."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    sampler = SamplerConfig(
+        chunk_frames=1, steps_per_chunk=(1,), cache_update=True, window_frames=3
+    )
+    rt = Runtime(pipe, max_streams=4, compile=True)
+    rt.warm_up(2, sampler)
+    graphs = counters["stats"]["unique_graphs"]
+    context = np.zeros((2, *pipe.frame_shape), dtype=np.uint8)
+    player = rt.open(
+        sampler=sampler, cond=0, seed=1, max_frames=8, context=context, context_actions=[0, 1]
+    )
+    queued = [rt.open(sampler=sampler, cond=c, seed=c, max_frames=6) for c in (1, 2)]
+    for s in queued:
+        s.push_actions([1, 2, 3, 0, 1, 2])
+    for key in [3, 2, 1, 0, 3, 2]:
+        player.push_actions([key])
+        rt.run_until_idle()
+    assert len(player.read()) == 8 and all(len(s.read()) == 6 for s in queued)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -86,13 +86,14 @@ def test_the_runtime_streams_what_the_rollout_generates_and_a_saved_model_keeps_
     actions = [0, 2, 3, 3, 2]
     frames, expected = stream_and_rollout(loaded, smp, actions)
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
-    # The stream runs the head once per generated frame, on that frame's row only: not in the
-    # passes that only write K/V (the clean cache update of each frame, alone or fused into
-    # the next frame's forward).
+    # The stream runs the head once per generated frame, not in the passes that only write
+    # K/V (the clean cache update of each frame); fused, the update rides along in the next
+    # frame's forward (one shape per batch size: the head sees its row too).
     for fuse in (False, True):
         head_rows, batch_rows = rows_through_head_and_model(loaded, smp, actions, fuse)
-        assert smp.cache_update and head_rows == [1] * len(actions)
-        assert max(batch_rows) == (2 if fuse else 1)  # fused: the update rode along, headless
+        assert smp.cache_update and len(head_rows) == len(actions)
+        assert max(batch_rows) == (2 if fuse else 1)
+        assert head_rows == ([1] + [2] * (len(actions) - 1) if fuse else [1] * len(actions))
 
 
 def rows_through_head_and_model(
