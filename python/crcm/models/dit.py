@@ -566,7 +566,7 @@ class CausalDiT(nn.Module):
         prev_B_T_C_H_W: Tensor | None = None,
         cross_kv: CrossKV | None = None,
         check_values: bool = True,
-        pixel_head_rows: int | None = None,
+        pixel_head: bool = True,
     ) -> Tensor:
         """Predict the RF velocity ``v = ε − x0`` for every frame.
 
@@ -591,10 +591,9 @@ class CausalDiT(nn.Module):
                 (ranges). Each check reads a tensor back to the host — a device sync, and a
                 graph break under ``torch.compile`` — so callers whose inputs are valid by
                 construction (the runtime's executor) pass False. Shapes are always checked.
-            pixel_head_rows: for a model with ``pixel_head > 0``, run the pixel head on the
-                first this many rows only (None: all); the other rows return the velocity
-                without it. For rows whose output nobody reads, such as the runtime's passes
-                that only write a finished frame's K/V. The attention layers never read it.
+            pixel_head: False skips the pixel head (a model with ``pixel_head > 0``): for a
+                forward whose output nobody reads, such as the runtime's pass that only writes
+                a finished frame's K/V. The attention layers never read the head.
         Returns:
             ``v_B_T_C_H_W`` with ``out_channels`` channels, in ``x``'s dtype.
         With ``pt > 1``, ``s``, ``actions`` and ``frame_pos`` are read once per group of ``pt``
@@ -637,7 +636,7 @@ class CausalDiT(nn.Module):
         out = patches_B_L_P.reshape(B, grid_t, grid_h, grid_w, pt, ph, pw, cfg.out_channels)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(B, T, cfg.out_channels, H, W)
         v = self.velocity_from_output(
-            x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W, actions_B_T, pixel_head_rows=pixel_head_rows
+            x_B_T_C_H_W, s_B_T, out, prev_B_T_C_H_W, actions_B_T, pixel_head=pixel_head
         )
         return v.to(x_B_T_C_H_W.dtype)
 
@@ -649,7 +648,7 @@ class CausalDiT(nn.Module):
         prev_B_T_C_H_W: Tensor | None,
         actions_B_T: Tensor | None = None,
         *,
-        pixel_head_rows: int | None = None,
+        pixel_head: bool = True,
     ) -> Tensor:
         """The velocity from the head's (unpatchified) output: the output itself for a v-head,
         ``(x_s − x0̂)/max(s, X0_MIN_S)`` for an x0-head, where ``x0̂`` is the output
@@ -657,23 +656,14 @@ class CausalDiT(nn.Module):
         the pixel head if the model has one; so that ``x_s − s·v = x0̂`` wherever
         ``s ≥ X0_MIN_S`` (below it the clamp keeps the division bounded, as at ``s = 0`` for a
         clean context frame, whose output nobody reads). ``s_B_T`` and ``actions_B_T`` per
-        model frame; ``pixel_head_rows`` as in :meth:`forward`."""
+        model frame; ``pixel_head`` as in :meth:`forward`."""
         if self.cfg.prediction == "v":
             return out
         if self.cfg.prediction == "x0-change":
             last_B_T_C_H_W = prev_B_T_C_H_W[:, :, -self.cfg.in_channels :]
             out = out + last_B_T_C_H_W.to(out.dtype)
-        n = out.shape[0] if pixel_head_rows is None else pixel_head_rows
-        if self.pixel_head is not None and n > 0:
-            rows = slice(0, n)
-            head = self.pixel_head(
-                out[rows],
-                _wide(x_B_T_C_H_W[rows]),
-                s_B_T[rows],
-                None if prev_B_T_C_H_W is None else prev_B_T_C_H_W[rows],
-                None if actions_B_T is None else actions_B_T[rows],
-            )
-            out = head if n == out.shape[0] else torch.cat([head, out[n:]])
+        if self.pixel_head is not None and pixel_head:
+            out = self.pixel_head(out, _wide(x_B_T_C_H_W), s_B_T, prev_B_T_C_H_W, actions_B_T)
         pt = self.cfg.patch[0]
         s_B_T = s_B_T.repeat_interleave(pt, dim=1) if pt > 1 else s_B_T
         denom = s_B_T.to(out.dtype).clamp_min(X0_MIN_S)[:, :, None, None, None]

@@ -230,7 +230,6 @@ class Executor:
             st = self.streams[sid]
             if st.guided or not self.next_chunk_ready(sid):
                 continue
-            self.flush(sid)  # none by construction: its last forward ran or flushed it
             T = int(plan.num_frames[i])
             row = self._plan_row(plan, int(i), 0, st.x0, 0.0, st.prev, T)
             row.cond = st.cond
@@ -300,9 +299,9 @@ class Executor:
 
         # Only denoising rows' outputs are read: a forward of cache updates and context frames
         # alone skips the model's pixel head. A forward with a row that is read runs it on
-        # every row, held updates too: a head over the first n rows only would compile a
-        # graph per case of n (1, ≥ 2) and of the rows after it (0, 1, ≥ 2), and a case that
-        # warm_up missed would compile for seconds in the middle of a stream.
+        # every row, held updates too: a head over some of the rows would compile a graph per
+        # case of how many (1, ≥ 2, and 0, 1, ≥ 2 after them), and a case that warm_up missed
+        # would compile for seconds in the middle of a stream.
         read = any(kinds[j] == DENOISE and not states[j].forced for j in row_of)
         v_R = None
         if rows or clear:
@@ -393,7 +392,7 @@ class Executor:
             prev_B_T_C_H_W=prev_R,
             cross_kv=kv_R,
             check_values=False,
-            pixel_head_rows=None if pixel_head else 0,
+            pixel_head=pixel_head,
         )
 
     def _emit(self, finished: list[tuple[StreamState, torch.Tensor, int]]) -> None:

@@ -231,10 +231,11 @@ class Runtime:
             (:func:`crcm.runtime.executor.compile_forward`): faster per frame, at the cost of
             seconds of compilation at the first forwards; the model must not change afterwards.
         fuse_cache_update: with a clean-context sampler (``cache_update=True``), run a chunk's
-            time-0 cache-update pass inside the next chunk's first forward when that chunk can
-            start at once (its actions are in): one batched forward per chunk at one step
-            instead of two, with the same frames. A stream that waits for its next action
-            runs the pass while it waits, so a key press still costs one forward.
+            time-0 cache-update pass inside the next chunk's first forward when the stream is
+            alone in its plan and that chunk can start at once (its actions are in): one
+            batched forward per chunk at one step instead of two, with the same frames. A
+            stream that waits for its next action runs the pass while it waits, so a key press
+            still costs one forward.
     """
 
     def __init__(
