@@ -281,6 +281,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         fps=args.fps,
         scale=args.scale,
         progress=not args.quiet,
+        opening_frames=not args.no_opening_frames,
     )
     label = f"{entry.name}, UNTRAINED" if entry.untrained else entry.name
     summary = (
@@ -361,6 +362,12 @@ def add_stream_parser(subparsers) -> argparse.ArgumentParser:
     )
     stream.add_argument(
         "--scale", type=_positive, help="integer upscaling (default: shorter side >= 256 px)"
+    )
+    stream.add_argument(
+        "--no-opening-frames",
+        action="store_true",
+        help="world models: start from no context instead of the model's opening frames (the "
+        "game's first screens, which are not written to the video)",
     )
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
     stream.set_defaults(func=_cmd_stream)

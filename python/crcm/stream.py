@@ -136,6 +136,7 @@ def write_video(
     fps: float | None = None,
     scale: int | None = None,
     progress: bool = True,
+    opening_frames: bool = True,
 ) -> StreamResult:
     """Rolls ``pipeline`` out for ``num_frames`` frames into the MP4 file ``path``.
 
@@ -152,6 +153,10 @@ def write_video(
         scale: integer nearest-neighbour upscaling (default: the smallest making the shorter
             side at least 256 pixels, so that small world-model frames stay watchable; 1 for a
             video VAE's output).
+        opening_frames: begin on the pipeline's opening frames (``Pipeline.start``, e.g. the
+            shipped Breakout game's first screens) when it has some, as ``crcm play`` does;
+            they are the stream's context, not written to the file. False starts from no
+            context.
     """
     import itertools
 
@@ -208,6 +213,8 @@ def write_video(
     if schedule and cond is not None:
         raise ConfigError("give prompts or a cond, not both")
 
+    start = pipeline.start if opening_frames else {}
+    opening = len(start["context"]) if start else 0  # emitted first, not written
     context = sampler.sink_frames + sampler.window_frames + sampler.largest_chunk_frames
     guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
     runtime = Runtime(pipeline, max_streams=1, context_frames=context, cfg=guided)
@@ -230,9 +237,10 @@ def write_video(
                 prompt=schedule[0][1] if schedule else None,
                 negative_prompt=negative_prompt,
                 seed=seed,
-                max_frames=num_frames,
+                max_frames=opening + num_frames,
                 buffer_frames=2 * runtime._chunk_display_frames(sampler),
                 backpressure="block",  # the stream pauses until the encoder catches up
+                **start,
             )
             pushed = 0
             k = sampler.chunk_frames
@@ -250,11 +258,14 @@ def write_video(
                         session.set_prompt(switches.pop(0)[1])
                     ran = runtime.step()
                     result.peak_pages = max(result.peak_pages, runtime.stats()["pages_used"])
-                    frames = session.read(max_frames=num_frames - result.frames)
+                    frames = session.read(max_frames=opening + num_frames - result.frames)
                     if not ran and not frames:
                         raise ConfigError(  # e.g. an action iterator that ran dry
                             f"the stream stopped after {result.frames} of {num_frames} frames"
                         )
+                    if opening:  # the opening frames come first and are not written
+                        skipped = min(opening, len(frames))
+                        frames, opening = frames[skipped:], opening - skipped
                     for frame in frames:
                         encoder.write(_upscale(frame, scale, out_h, out_w))
                     result.frames += len(frames)

@@ -83,7 +83,18 @@ def test_cli_stream(tmp_path, capsys):
     args = ["stream", str(out), "--model", "breakout", "--action-file", str(actions)]
     assert main([*args, "--quiet", "--scale", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert _decode(out).shape == (5, 64, 64, 3)  # the file's 5 actions set the length
+    video = _decode(out)
+    assert video.shape == (5, 64, 64, 3)  # the file's 5 actions set the length
+    # The video is what crcm.generate makes: begun on the model's opening frames, which are
+    # not in the file (test_api checks what those frames hold).
+    expected = np.stack(list(crcm.generate(crcm.load("breakout"), 5, actions=[0, 1, 2, 3, 2])))
+    assert np.abs(video.astype(float) - expected).mean() < 6
+    blind = tmp_path / "blind.mp4"
+    assert (
+        main([*args[:1], str(blind), *args[2:], "--quiet", "--scale", "1", "--no-opening-frames"])
+        == 0
+    )
+    assert np.abs(_decode(blind).astype(float) - expected).mean() > 2 * 6
 
 
 @pytest.mark.parametrize(

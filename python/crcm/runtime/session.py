@@ -891,10 +891,16 @@ def generate(
     steps: int | Sequence[int] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    opening_frames: bool = True,
 ) -> Iterator[np.ndarray]:
     """Offline generation: yields ``num_frames`` frames (``uint8 [H, W, C]``) as they are made.
 
-    World models need one action per frame (``actions``); video models take ``cond``.
+    World models need one action per frame (``actions``); video models take ``cond``. A
+    pipeline with opening frames (``Pipeline.start``, e.g. the first screens of the shipped
+    Breakout game) begins on them, as ``crcm play`` does: they are the stream's context and
+    are not yielded; the first yielded frame is the first one generated, under ``actions[0]``.
+    ``opening_frames=False`` starts from no context instead (a world model trained on game
+    frames then draws noise).
     """
     num_frames = _int_arg("num_frames", num_frames, 1, 2**63, "2**63")
     needs_actions = bool(pipeline.model.cfg.num_actions)
@@ -903,6 +909,8 @@ def generate(
             f"a world model needs {num_frames} actions, got "
             f"{0 if actions is None else len(actions)}"
         )
+    start = pipeline.start if opening_frames else {}
+    opening = len(start["context"]) if start else 0
     runtime = Runtime(
         pipeline,
         max_streams=1,
@@ -911,11 +919,16 @@ def generate(
     )
     with runtime:
         session = runtime.open(
-            sampler=sampler, steps=steps, cond=cond, seed=seed, max_frames=num_frames
+            sampler=sampler,
+            steps=steps,
+            cond=cond,
+            seed=seed,
+            max_frames=opening + num_frames,
+            **start,
         )
         if needs_actions:
             session.push_actions(list(actions)[:num_frames])
-        yield from itertools.islice(session.frames(), num_frames)
+        yield from itertools.islice(session.frames(), opening, opening + num_frames)
 
 
 def _param_device(model: torch.nn.Module) -> torch.device:

@@ -171,6 +171,26 @@ def test_generate_validates_and_yields_frames(pipe):
     assert all(np.array_equal(a, b) for a, b in zip(frames, again, strict=True))
 
 
+def test_generate_begins_on_the_shipped_games_opening_frames():
+    """The shipped Breakout model was trained on game frames: from no context it draws noise.
+    ``generate`` begins on its opening frames, as ``crcm play`` does, so the paddle is there
+    from the first yielded frame and follows the keys; the opening frames are not yielded."""
+    from crcm.eval.breakout import BreakoutDetector
+
+    breakout = load("breakout")
+    detector = BreakoutDetector(breakout.frame_shape[:2])
+    actions = ["FIRE"] + ["RIGHT"] * 8 + ["LEFT"] * 8
+    frames = list(generate(breakout, len(actions), actions=actions, seed=0))
+    assert len(frames) == len(actions)
+    opening = set(map(bytes, breakout.start_frames))
+    assert not any(bytes(f) in opening for f in frames)  # every frame yielded is generated
+    paddle = [detector.paddle_x(f) for f in frames]
+    assert None not in paddle, paddle
+    assert paddle[8] > paddle[0] + 20 and paddle[16] < paddle[8] - 20, paddle  # → then ←
+    blind = list(generate(breakout, 4, actions=actions, seed=0, opening_frames=False))
+    assert sum(detector.paddle_x(f) is None for f in blind) >= 3  # the reason for the default
+
+
 def test_pipeline_from_wan_named_checkpoint_streams_with_the_self_forcing_preset(tmp_path):
     """A checkpoint in the original Wan naming, wrapped like a Self-Forcing release, loads and
     streams c3-3 with the release's sampler on crcm's runtime: chunks of 3 frames, 4 steps at
