@@ -110,10 +110,6 @@ class TrainConfig:
     # Base and teacher stages: pixels that change from the previous frame weigh 1 + this in the
     # loss (crcm.training.objectives.change_weights): what moves is a small part of a game frame.
     change_weight: float = 0.0
-    # teacher-tf: a second loss term of this weight on 3×3 max- and min-pooled clean-frame
-    # estimates (objectives.pooled_error, weighted per pixel as the first), which an object
-    # drawn at full strength a pixel off meets and a smear of it does not.
-    pool_weight: float = 0.0
     # Base and teacher stages' loss weight over time: "bell" (0 at s = 0 and s = 1, the paper's
     # for the TF teacher), "uniform" (the plain v-MSE), "x0" (s², which makes it the squared
     # error of the clean frame x0̂ = x_s − s·v, the same at every noise level: for an
@@ -200,11 +196,6 @@ class TrainConfig:
         need(0 <= self.cond_dropout < 1, "cond_dropout must be in [0, 1)")
         need(0 <= self.action_dropout < 1, "action_dropout must be in [0, 1)")
         need(self.change_weight >= 0, f"change_weight must be >= 0, got {self.change_weight}")
-        need(self.pool_weight >= 0, f"pool_weight must be >= 0, got {self.pool_weight}")
-        need(
-            self.pool_weight == 0 or self.stage == "teacher-tf",
-            f"pool_weight is a teacher-tf term; {self.stage} does not use it",
-        )
         need(
             0 <= self.context_noise <= 1,
             f"context_noise must be in [0, 1], got {self.context_noise}",

@@ -337,7 +337,6 @@ def tf_teacher_loss(
     cond_dropout: float = 0.1,
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
-    pool_weight: float = 0.0,
     history_B_K_C_H_W: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
@@ -361,8 +360,6 @@ def tf_teacher_loss(
     and history carry faint remains of where things were (:func:`ghost_frames`), the targets
     the true frames, so that the model learns to erase what a smeared frame leaves behind;
     ``context_speckle > 0`` likewise puts dust on them (:func:`speckle_frames`).
-    ``pool_weight > 0`` adds that times :func:`pooled_error` of the clean-frame estimate
-    ``x0̂ = x_s − s·v`` (weighted as the pixels are), which does not pay for smearing.
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -407,43 +404,11 @@ def tf_teacher_loss(
         context_ghosts,
         context_speckle,
     )
-    v = batch.velocity(model, cond)
-    se = (v - (noise - x0_B_T_C_H_W)).square()
-    pixel_weights = change_weights(x0_B_T_C_H_W, change_weight)
-    mse_B_T = (pixel_weights * se).mean((2, 3, 4))
+    se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
+    mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
     w_B = torch.ones_like(s_B) if weight is None else weight(s_B)
     loss = (w_B * mse_B_T.sum(1)).mean()
-    logs = {"mse": mse_B_T.detach().mean()}
-    if pool_weight > 0:
-        x0_hat = x_s - _expand(s_B, x_s) * v
-        pooled_B_T = (pixel_weights * pooled_error(x0_hat, x0_B_T_C_H_W)).mean((2, 3, 4))
-        loss = loss + pool_weight * pooled_B_T.sum(1).mean()
-        logs["pooled"] = pooled_B_T.detach().mean()
-    return loss, {"loss": loss.detach(), **logs}
-
-
-def pooled_error(x_B_T_C_H_W: Tensor, target_B_T_C_H_W: Tensor, size: int = 3) -> Tensor:
-    """The squared error of the frames' ``size × size`` max-pools and min-pools (stride 1),
-    ``[B, T, C, H, W]``: how bright and how dark the frame is near each pixel.
-
-    Why: a regression onto a frame whose small object (Breakout's ball, one pixel at 64×64)
-    the model can place only to within a pixel is minimised by a smear of it, fainter at each
-    pixel, and a stream that continues from smeared frames smears further until the object
-    is gone. Pooled, what counts is how bright the object is near where it is: for a point
-    that is at one of two neighbouring pixels with even odds, the plain squared error is least
-    for half strength at both, the pooled one for three quarters."""
-    B, T = x_B_T_C_H_W.shape[:2]
-
-    def pools(x: Tensor) -> tuple[Tensor, Tensor]:
-        flat = x.flatten(0, 1)
-        peak = torch.nn.functional.max_pool2d(flat, size, stride=1, padding=size // 2)
-        floor = -torch.nn.functional.max_pool2d(-flat, size, stride=1, padding=size // 2)
-        return peak.unflatten(0, (B, T)), floor.unflatten(0, (B, T))
-
-    peak, floor = pools(x_B_T_C_H_W)
-    with torch.no_grad():
-        true_peak, true_floor = pools(target_B_T_C_H_W)
-    return (peak - true_peak).square() + (floor - true_floor).square()
+    return loss, {"loss": loss.detach(), "mse": mse_B_T.detach().mean()}
 
 
 @torch.no_grad()

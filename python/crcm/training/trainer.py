@@ -322,7 +322,6 @@ class _Stage:
                 {
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
-                    "pool_weight": cfg.pool_weight,
                     "still_threshold": self.pipeline.sampler.still_threshold,
                     **augment,
                 }

@@ -20,7 +20,6 @@ from crcm.training.objectives import (
     flow_matching_loss,
     guided_velocity,
     pack_teacher_forcing,
-    pooled_error,
     scm_regression_loss,
     tangent_warmup,
     tf_dcm_loss,
@@ -144,41 +143,6 @@ def test_tf_teacher_loss_sums_frames_and_applies_the_weight():
     assert unweighted == pytest.approx(3.0, rel=0.05)
     assert loss(lambda s: 2 * torch.ones_like(s)) == pytest.approx(2 * unweighted, rel=1e-6)
     assert loss(bell_weight) < 0.4 * unweighted  # w(s) ≤ 0.39
-
-
-def test_pooled_error_asks_for_an_unsure_point_brighter_than_the_plain_error():
-    """A point that is at one of two neighbouring pixels with even odds, predicted as the same
-    strength a at both: the expected plain squared error is least at a = 1/2 (the smear), the
-    pooled one at a = 3/4; and the pooled error is zero only on the frame itself."""
-    targets = torch.zeros(2, 1, 1, 7, 7)
-    targets[0, 0, 0, 3, 3] = targets[1, 0, 0, 3, 4] = 1.0
-    strengths = torch.linspace(0, 1, 41)
-
-    def best(error) -> float:
-        expected = []
-        for a in strengths:
-            guess = torch.zeros(1, 1, 1, 7, 7)
-            guess[..., 3, 3:5] = a
-            expected.append(error(guess.expand_as(targets), targets).sum() / 2)
-        return float(strengths[int(torch.stack(expected).argmin())])
-
-    assert best(lambda x, t: (x - t).square()) == pytest.approx(0.5)
-    assert best(pooled_error) == pytest.approx(0.75)
-    assert pooled_error(targets, targets).abs().max() == 0
-    assert pooled_error(targets.flip(0), targets).sum() > 0
-
-
-def test_tf_teacher_loss_pool_weight_adds_the_pooled_term():
-    model = CausalDiT(TINY)
-    x0 = torch.rand(4, 3, 4, 8, 8) * 2 - 1
-
-    def run(pool_weight):
-        gen = torch.Generator().manual_seed(0)
-        return tf_teacher_loss(model, x0, weight=None, pool_weight=pool_weight, generator=gen)
-
-    plain, _ = run(0.0)
-    pooled, logs = run(2.0)
-    assert pooled.item() == pytest.approx(plain.item() + 2 * 3 * logs["pooled"].item(), rel=1e-5)
 
 
 # -- conditions and guidance ----------------------------------------------------------------------
