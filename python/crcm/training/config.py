@@ -152,7 +152,10 @@ class TrainConfig:
     # 0: none. The critic takes `critic_updates` steps per step at `critic_lr`, and trains
     # alone for the first `critic_warmup_steps` steps (the model's weights stay as they are),
     # since a critic that cannot yet tell the frames apart only adds noise to the model's.
+    # `critic_init`: a critic's weights (.safetensors) to start from, e.g. one trained offline
+    # by scripts/breakout-critic-probe.py --save: from scratch it learns slowly in the stage.
     adv_weight: float = 0.0
+    critic_init: str | None = None
     critic_lr: float = 1e-3
     critic_updates: int = 1
     critic_warmup_steps: int = 0
@@ -292,6 +295,10 @@ class TrainConfig:
         need(
             self.adv_weight == 0 or self.stage == "teacher-tf",
             f"adv_weight is a setting of stage teacher-tf only, not of {self.stage}",
+        )
+        need(
+            self.critic_init is None or self.adv_weight > 0,
+            "critic_init starts the critic of adv_weight > 0; adv_weight is 0",
         )
         need(self.critic_lr > 0, f"critic_lr must be positive, got {self.critic_lr}")
         need(self.critic_updates >= 1, f"critic_updates must be >= 1, got {self.critic_updates}")

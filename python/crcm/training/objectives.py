@@ -362,9 +362,10 @@ def tf_teacher_loss(
     and history carry faint remains of where things were (:func:`ghost_frames`), the targets
     the true frames, so that the model learns to erase what a smeared frame leaves behind;
     ``context_speckle > 0`` likewise puts dust on them (:func:`speckle_frames`).
-    ``adversary`` (a model with ``prev_frames`` only) adds its critic's term on the clean
-    frames the model makes of the noisy ones, ``x0̂ = x_s − s·v``, each judged after its true
-    previous frames (:class:`crcm.training.critic.Adversary`).
+    ``adversary`` (a model with ``prev_frames`` only) adds its critic's term on the frames
+    the model makes from pure noise in one step, ``x0̂ = x_1 − v_θ(x_1, 1 | context)`` (a
+    second forward), each judged after its true previous frames
+    (:class:`crcm.training.critic.Adversary`).
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -422,7 +423,15 @@ def tf_teacher_loss(
                 "an adversary judges frames after their previous frames: the "
                 "model needs prev_frames > 0"
             )
-        x0_hat = x_s - _expand(s_B, x_s) * v
+        # The frame 1-step sampling shows, from pure noise: at lower noise the estimate is
+        # close to the truth whatever the model draws, and the critic learns nothing from it.
+        T = x0_B_T_C_H_W.shape[1]
+        one_step = replace(
+            batch,
+            x_B_2T_C_H_W=batch.pack_like(batch.x_B_2T_C_H_W[:, :T], noise),
+            s_B_2T=batch.pack_like(batch.s_B_2T[:, :T], torch.ones_like(batch.s_B_2T[:, T:])),
+        )
+        x0_hat = noise - one_step.velocity(model, cond)
         adv = adversary.generator_term(
             x0_hat.flatten(0, 1), x0_B_T_C_H_W.flatten(0, 1), prev.flatten(0, 1).to(x0_hat)
         )

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from crcm.errors import ConfigError
@@ -230,7 +232,16 @@ class _Stage:
                 "has no previous-frame inputs (prev_frames = 0)"
             )
         channels = model_cfg.in_channels
-        critic = FrameCritic(channels, model_cfg.prev_frames * channels).to(self.device)
+        critic = FrameCritic(channels, model_cfg.prev_frames * channels)
+        if cfg.critic_init is not None:
+            try:
+                critic.load_state_dict(load_file(cfg.critic_init))
+            except (OSError, RuntimeError, SafetensorError) as err:
+                raise ConfigError(
+                    f"critic_init {cfg.critic_init} is not a critic for this model "
+                    f"({channels} channels, {model_cfg.prev_frames} previous frames): {err}"
+                ) from err
+        critic = critic.to(self.device)
         # β1 = 0.5, no weight decay: the usual settings for a GAN's critic.
         optimizer = torch.optim.AdamW(
             critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.999), weight_decay=0.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from world_models import WM, randomized
 
@@ -195,3 +195,30 @@ def test_the_critic_warms_up_alone_then_trains_the_model_and_resumes(
     assert any(not torch.equal(moved[k], start[k]) for k in start)
     critic_step3 = load_file(latest_checkpoint(run) / "critic.safetensors")
     assert any(not torch.equal(critic_step3[k], v) for k, v in critic_step2.items())
+
+
+def test_the_critic_starts_from_critic_init_and_a_wrong_file_is_refused(
+    tmp_path: Path, breakout_data: list[str]
+):
+    channels = 3
+    critic = FrameCritic(channels, 2 * channels)  # Breakout: RGB frames, two previous frames
+    save_file(critic.state_dict(), tmp_path / "critic.safetensors")
+    save_file(FrameCritic(1, 1).state_dict(), tmp_path / "other.safetensors")
+    common = ["adv_weight=0.1", "steps=1", "critic_lr=1e-12", *breakout_data]
+
+    def run(name: str, init: str):
+        out = f'out="{tmp_path / name}"'
+        cfg = load_config(None, [out, f'critic_init="{init}"', *common], stage="teacher-tf")
+        return train(cfg, progress=False)
+
+    trained = load_file(
+        latest_checkpoint(run("a", tmp_path / "critic.safetensors")) / "critic.safetensors"
+    )
+    for name, p in critic.state_dict().items():
+        torch.testing.assert_close(trained[name], p, rtol=0, atol=1e-9)
+    with pytest.raises(ConfigError, match="is not a critic for this model"):
+        run("b", tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match="is not a critic for this model"):
+        run("c", tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="critic_init starts the critic"):
+        load_config(None, ['critic_init="x"'], stage="teacher-tf")
