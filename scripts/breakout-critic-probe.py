@@ -1,6 +1,6 @@
 """Can a small patch critic tell a Breakout model's 1-step frames from the true ones?
 
-    python scripts/breakout-critic-probe.py MODEL DATA [--updates 2000] [--lr 1e-3] [--save F]
+    python scripts/breakout-critic-probe.py MODEL DATA [--updates 2000] [--lr 1e-3]
 
 MODEL is a pipeline folder or shipped name, DATA a `crcm collect` folder (its clips, e.g.
 `data/breakout-keys`). For 48 training and 12 held-out batches of 8 four-frame clips, the model
@@ -14,9 +14,6 @@ Why: an adversarial term is one way to make a 1-step head draw the ball whole in
 faint mean of where it may be (docs/breakout-model.md, "What is left"). With one critic update
 per training step the critic stayed at chance for 110 steps; this measures how many updates it
 needs before it can serve as such a term (on the shipped model: 99 % ranked right after 2,000).
-``--save`` keeps the critic, to start a teacher-tf stage's adversarial term from it
-(``critic_init``): trained inside the stage on fresh frames, 4 updates a step, a critic from
-scratch was still at chance (hinge 1.95) after 1,000 updates.
 """
 
 from __future__ import annotations
@@ -24,16 +21,50 @@ from __future__ import annotations
 import argparse
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import crcm
 from crcm.training.config import DataConfig
-from crcm.training.critic import FrameCritic, critic_loss, moving_patches
 from crcm.training.data import make_source
 from crcm.training.objectives import own_predictions
 
 TRAIN_BATCHES, HELD_OUT_BATCHES, BATCH, HELD_OUT_FROM = 48, 12, 8, 1000
+
+
+class PatchCritic(nn.Module):
+    """Logits ``[B, 1, H/4, W/4]`` for frames ``[B, C, H, W]`` after ``prev`` (``[B, K·C, H,
+    W]``): four convolutions, two of stride 2; each logit sees about 22 × 22 pixels."""
+
+    def __init__(self, channels: int, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, padding=1),
+        )
+
+    def forward(self, frame: Tensor, prev: Tensor) -> Tensor:
+        return self.net(torch.cat([prev, frame], dim=1))
+
+
+def moving_patches(frame: Tensor, prev: Tensor, size: tuple[int, int]) -> Tensor:
+    """1 on the critic's patches where ``frame`` differs from the last previous frame: a game
+    frame is mostly still, and its still patches would drown the rest in the mean."""
+    C = frame.shape[1]
+    moved = ((frame - prev[:, -C:]).abs().amax(1, keepdim=True) > 0.05).float()
+    return nn.functional.adaptive_max_pool2d(moved, size)
+
+
+def hinge(critic: PatchCritic, real: Tensor, fake: Tensor, prev: Tensor) -> Tensor:
+    d_real, d_fake = critic(real, prev), critic(fake, prev)
+    size = d_real.shape[-2:]
+    w = torch.maximum(moving_patches(real, prev, size), moving_patches(fake, prev, size))
+    mean = lambda x: (w * x).sum() / w.sum().clamp_min(1.0)  # noqa: E731
+    return mean(torch.relu(1 - d_real)) + mean(torch.relu(1 + d_fake))
 
 
 @torch.no_grad()
@@ -57,7 +88,6 @@ def main() -> None:
     parser.add_argument("data", help="a `crcm collect` folder")
     parser.add_argument("--updates", type=int, default=2000, help="critic updates (2000)")
     parser.add_argument("--lr", type=float, default=1e-3, help="critic learning rate (1e-3)")
-    parser.add_argument("--save", help="write the trained critic here (.safetensors)")
     args = parser.parse_args()
     torch.manual_seed(0)
     pipe = crcm.load(args.model)
@@ -69,12 +99,11 @@ def main() -> None:
     real, fake, prev = frames(pipe, source, range(TRAIN_BATCHES))
     held = frames(pipe, source, range(HELD_OUT_FROM, HELD_OUT_FROM + HELD_OUT_BATCHES))
     print(f"{len(real)} training and {len(held[0])} held-out frames")
-    channels = real.shape[1]
-    critic = FrameCritic(channels, prev.shape[1])
+    critic = PatchCritic(real.shape[1] + prev.shape[1])
     opt = torch.optim.AdamW(critic.parameters(), lr=args.lr, betas=(0.5, 0.999), weight_decay=0)
     for update in range(args.updates + 1):
         pick = torch.randint(0, len(real), (64,))
-        loss = critic_loss(critic, real[pick], fake[pick], prev[pick])
+        loss = hinge(critic, real[pick], fake[pick], prev[pick])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -82,21 +111,18 @@ def main() -> None:
             with torch.no_grad():
                 h_real, h_fake, h_prev = held
                 d_real, d_fake = critic(h_real, h_prev), critic(h_fake, h_prev)
+                size = d_real.shape[-2:]
                 moved = torch.maximum(
-                    moving_patches(h_real, h_prev, d_real), moving_patches(h_fake, h_prev, d_real)
+                    moving_patches(h_real, h_prev, size), moving_patches(h_fake, h_prev, size)
                 )
                 gap = (h_real - h_fake).abs().amax(1, keepdim=True)
-                gap = nn.functional.adaptive_max_pool2d(gap, d_real.shape[-2:])
-                differ = (moved > 0) & (gap > 0.1)
+                differ = (moved > 0) & (nn.functional.adaptive_max_pool2d(gap, size) > 0.1)
                 right = float(((d_real > d_fake) & differ).sum() / differ.sum().clamp_min(1))
-                held_loss = float(critic_loss(critic, *held))
+                held_loss = float(hinge(critic, *held))
             print(
                 f"update {update}: hinge {loss.item():.3f}, held out {held_loss:.3f}, true frame "
                 f"ranked higher in {100 * right:.0f} % of {int(differ.sum())} differing patches"
             )
-    if args.save:
-        save_file(critic.state_dict(), args.save)
-        print(f"critic saved to {args.save} (a teacher-tf stage's critic_init)")
 
 
 if __name__ == "__main__":

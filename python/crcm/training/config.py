@@ -146,19 +146,6 @@ class TrainConfig:
     # Which weights the stage trains: "all", or "pixel_head" (the rest frozen: a cheap stage
     # that teaches the head what the patch head cannot place, on the frozen network's output).
     trainable: Literal["all", "pixel_head"] = "all"
-    # teacher-tf, world models with previous-frame inputs: a patch critic's adversarial term
-    # (crcm.training.critic) of this weight beside the regression, on the clean frames the
-    # model makes; it asks for small objects drawn whole where a regression would smear them.
-    # 0: none. The critic takes `critic_updates` steps per step at `critic_lr`, and trains
-    # alone for the first `critic_warmup_steps` steps (the model's weights stay as they are),
-    # since a critic that cannot yet tell the frames apart only adds noise to the model's.
-    # `critic_init`: a critic's weights (.safetensors) to start from, e.g. one trained offline
-    # by scripts/breakout-critic-probe.py --save: from scratch it learns slowly in the stage.
-    adv_weight: float = 0.0
-    critic_init: str | None = None
-    critic_lr: float = 1e-3
-    critic_updates: int = 1
-    critic_warmup_steps: int = 0
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None
@@ -291,21 +278,6 @@ class TrainConfig:
                 )
         if self.stage in DMD:
             need(self.fake_score_updates >= 1, "fake_score_updates must be >= 1")
-        need(self.adv_weight >= 0, f"adv_weight must be >= 0, got {self.adv_weight}")
-        need(
-            self.adv_weight == 0 or self.stage == "teacher-tf",
-            f"adv_weight is a setting of stage teacher-tf only, not of {self.stage}",
-        )
-        need(
-            self.critic_init is None or self.adv_weight > 0,
-            "critic_init starts the critic of adv_weight > 0; adv_weight is 0",
-        )
-        need(self.critic_lr > 0, f"critic_lr must be positive, got {self.critic_lr}")
-        need(self.critic_updates >= 1, f"critic_updates must be >= 1, got {self.critic_updates}")
-        need(
-            self.critic_warmup_steps >= 0,
-            f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}",
-        )
         if self.betas is not None:
             need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "bad betas")
 

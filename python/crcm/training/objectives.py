@@ -34,7 +34,6 @@ from crcm.kernels._common import Backend
 from crcm.masks import Mask, block_causal_mask, teacher_forcing_mask
 from crcm.models.dit import CausalDiT
 from crcm.sampling import DEFAULT_SHIFT, euler_step, euler_times, hold_still
-from crcm.training.critic import Adversary
 from crcm.training.jvp import model_jvp
 from crcm.training.timesteps import (
     add_noise,
@@ -339,7 +338,6 @@ def tf_teacher_loss(
     action_dropout: float = 0.0,
     change_weight: float = 0.0,
     history_B_K_C_H_W: Tensor | None = None,
-    adversary: Adversary | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Logs]:
     """Stage 1, teacher forcing: the causal teacher on the packed ``[x0 | x_s]`` sequence,
@@ -362,10 +360,6 @@ def tf_teacher_loss(
     and history carry faint remains of where things were (:func:`ghost_frames`), the targets
     the true frames, so that the model learns to erase what a smeared frame leaves behind;
     ``context_speckle > 0`` likewise puts dust on them (:func:`speckle_frames`).
-    ``adversary`` (a model with ``prev_frames`` only) adds its critic's term on the frames
-    the model makes from pure noise in one step, ``x0̂ = x_1 − v_θ(x_1, 1 | context)`` (a
-    second forward), each judged after its true previous frames
-    (:class:`crcm.training.critic.Adversary`).
     """
     B, _ = _check_video(x0_B_T_C_H_W)
     device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
@@ -410,34 +404,11 @@ def tf_teacher_loss(
         context_ghosts,
         context_speckle,
     )
-    v = batch.velocity(model, cond)
-    se = (v - (noise - x0_B_T_C_H_W)).square()
+    se = (batch.velocity(model, cond) - (noise - x0_B_T_C_H_W)).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
     w_B = torch.ones_like(s_B) if weight is None else weight(s_B)
     loss = (w_B * mse_B_T.sum(1)).mean()
-    logs = {"mse": mse_B_T.detach().mean()}
-    if adversary is not None:
-        prev = model.previous_frames(x0_B_T_C_H_W, history_B_K_C_H_W)
-        if prev is None:
-            raise ValueError(
-                "an adversary judges frames after their previous frames: the "
-                "model needs prev_frames > 0"
-            )
-        # The frame 1-step sampling shows, from pure noise: at lower noise the estimate is
-        # close to the truth whatever the model draws, and the critic learns nothing from it.
-        T = x0_B_T_C_H_W.shape[1]
-        one_step = replace(
-            batch,
-            x_B_2T_C_H_W=batch.pack_like(batch.x_B_2T_C_H_W[:, :T], noise),
-            s_B_2T=batch.pack_like(batch.s_B_2T[:, :T], torch.ones_like(batch.s_B_2T[:, T:])),
-        )
-        x0_hat = noise - one_step.velocity(model, cond)
-        adv = adversary.generator_term(
-            x0_hat.flatten(0, 1), x0_B_T_C_H_W.flatten(0, 1), prev.flatten(0, 1).to(x0_hat)
-        )
-        loss = loss + adv
-        logs["adv"] = adv.detach()
-    return loss, {"loss": loss.detach(), **logs}
+    return loss, {"loss": loss.detach(), "mse": mse_B_T.detach().mean()}
 
 
 @torch.no_grad()

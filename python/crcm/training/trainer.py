@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from crcm.errors import ConfigError
@@ -44,7 +42,6 @@ from crcm.training import objectives as obj
 from crcm.training import self_forcing as sf
 from crcm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from crcm.training.config import DMD, TrainConfig, config_to_dict
-from crcm.training.critic import Adversary, FrameCritic
 from crcm.training.data import Batch, make_source
 
 __all__ = ["load_stage_model", "train"]
@@ -210,7 +207,6 @@ class _Stage:
                 betas=cfg.adam_betas,
                 weight_decay=cfg.weight_decay,
             )
-        self.adversary = self._adversary() if cfg.adv_weight > 0 else None
         self.data = make_source(cfg.data, self.pipeline.codec, self.student.cfg)
         if not self.pipeline.action_names:  # e.g. the game's action names of an Atari dataset
             self.pipeline.action_names = self.data.action_names
@@ -220,34 +216,6 @@ class _Stage:
             else sf.RandomExitSchedule(max_steps=cfg.max_steps)
         )
         self.times = tuple(consistency_times(4))
-
-    def _adversary(self) -> Adversary:
-        """The patch critic of ``adv_weight`` (registered for checkpoints)."""
-        cfg, model_cfg = self.cfg, self.student.cfg
-        if self.env.distributed:
-            raise ConfigError("adv_weight: the critic trains in a single process")
-        if not model_cfg.prev_frames:
-            raise ConfigError(
-                "adv_weight: the critic judges a frame after the frames before it; the model "
-                "has no previous-frame inputs (prev_frames = 0)"
-            )
-        channels = model_cfg.in_channels
-        critic = FrameCritic(channels, model_cfg.prev_frames * channels)
-        if cfg.critic_init is not None:
-            try:
-                critic.load_state_dict(load_file(cfg.critic_init))
-            except (OSError, RuntimeError, SafetensorError) as err:
-                raise ConfigError(
-                    f"critic_init {cfg.critic_init} is not a critic for this model "
-                    f"({channels} channels, {model_cfg.prev_frames} previous frames): {err}"
-                ) from err
-        critic = critic.to(self.device)
-        # β1 = 0.5, no weight decay: the usual settings for a GAN's critic.
-        optimizer = torch.optim.AdamW(
-            critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.999), weight_decay=0.0
-        )
-        self.modules["critic"], self.optimizers["critic"] = critic, optimizer
-        return Adversary(critic, optimizer, weight=cfg.adv_weight, updates=cfg.critic_updates)
 
     def sampler(self, steps: tuple[int, ...]) -> SamplerConfig:
         return replace(
@@ -293,40 +261,32 @@ class _Stage:
         fake_loss = None
         if self.cfg.stage in DMD:
             fake_loss = self._fake_score_updates(step, shards)
-        # While the critic warms up the model's loss is only evaluated, for the frames it
-        # judges: the weights stay as they are.
-        train_student = self.adversary is None or step >= self.cfg.critic_warmup_steps
         records = []
         for batch, gen in shards:
             gather = self.env.distributed and self.cfg.stage in JVP_STAGES
             with (
                 self.autocast(),
                 dist_utils.gathered_params(student) if gather else contextlib.nullcontext(),
-                contextlib.nullcontext() if train_student else torch.no_grad(),
             ):
                 loss, logs = self._loss(step, batch, gen)
                 if loss.requires_grad:  # sf_dmd_step has already run backward
                     loss.backward()
             records.append({"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}})
-        finite = True
-        if train_student:
-            _scale_grads(student, 1.0 / len(shards))
-            grads = [dist_utils.local(p.grad) for p in student.parameters() if p.grad is not None]
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-            # Every rank must take the same decision, or the shards of one model would diverge.
-            finite = dist_utils.all_true(finite, self.device)
-            if finite:
-                opt.step()
-                self._update_ema()
-            else:
-                # A sample that overflowed poisons the whole step (0·inf inside the network is
-                # NaN even when its loss was zeroed): skip it, log it, keep the weights.
-                opt.zero_grad(set_to_none=True)
+        _scale_grads(student, 1.0 / len(shards))
+        grads = [dist_utils.local(p.grad) for p in student.parameters() if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # Every rank must take the same decision, or the shards of one model would diverge.
+        finite = dist_utils.all_true(finite, self.device)
+        if finite:
+            opt.step()
+            self._update_ema()
+        else:
+            # A sample that overflowed poisons the whole step (0·inf inside the network is NaN
+            # even when its loss was zeroed): skip it, log it, keep the weights.
+            opt.zero_grad(set_to_none=True)
         logs = {**_mean_logs(records), "skipped": 0.0 if finite else 1.0}
         if fake_loss is not None:
             logs = {**logs, "fake_score_loss": fake_loss}
-        if self.adversary is not None:
-            logs = {**logs, "critic_loss": self.adversary.update()}
         return dist_utils.all_reduce_mean(logs, self.device)
 
     def _loss(self, step: int, batch: Batch, gen: torch.Generator) -> tuple[Tensor, dict]:
@@ -363,7 +323,6 @@ class _Stage:
                     "self_context": cfg.self_context,
                     "self_context_depth": cfg.self_context_depth,
                     "still_threshold": self.pipeline.sampler.still_threshold,
-                    "adversary": self.adversary,
                     **augment,
                 }
                 if cfg.stage == "teacher-tf"
@@ -685,9 +644,7 @@ def _train(
     try:
         for step in range(start, cfg.steps):
             for group in stage.optimizers["student"].param_groups:
-                # (the model's steps begin after the critic's warm-up, if any)
-                ramp = (step + 1 - cfg.critic_warmup_steps) / max(1, cfg.lr_warmup_steps)
-                group["lr"] = cfg.lr * min(1.0, max(0.0, ramp))
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps))
             # The global batch is a pure function of (data seed, step); each rank loads and
             # trains on its own rows of it.
             batch = stage.data.batch(step, cfg.batch_size, stage.rank_rows).to(env.device)
