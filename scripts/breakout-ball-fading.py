@@ -26,9 +26,9 @@ from dataclasses import replace
 import numpy as np
 
 import crcm
-from crcm.data.atari import NATIVE_HW, AtariEnv, run_episode
+from crcm.data.atari import AtariEnv, run_episode
 from crcm.data.dataset import DEFAULT_POLICY_MIX, EVAL_SEED_BASE, episode_policy
-from crcm.eval.breakout import BreakoutDetector
+from crcm.eval.breakout import RED_SPAN, BreakoutDetector
 from crcm.eval.harness import PipelineModel
 
 CONTEXT, HORIZON, EPISODES, FIRST, EVERY, RADIUS = 8, 8, 8, 30, 37, 4
@@ -60,9 +60,9 @@ def starts(frame_hw: tuple[int, int], detector: BreakoutDetector):
 
 
 def redness(frame: np.ndarray) -> np.ndarray:
-    """Red coverage per pixel: (R − G) / 128, 1 where the ball's colour fills the pixel."""
+    """Red coverage per pixel, as the detector reads it: 1 where the ball's colour fills it."""
     f = frame.astype(np.float64)
-    return np.clip((f[..., 0] - f[..., 1]) / 128.0, 0.0, None)
+    return np.clip((f[..., 0] - f[..., 1]) / RED_SPAN, 0.0, None)
 
 
 def main() -> None:
@@ -93,7 +93,7 @@ def main() -> None:
         for t in range(HORIZON):
             found[b, t] = detector.ball_xy(out[b, t]) is not None
             x, y = detector.ball_xy(truth[b, t])  # native px
-            cy, cx = int(y * h / NATIVE_HW[0]), int(x * w / NATIVE_HW[1])
+            cy, cx = int(y * detector.sy), int(x * detector.sx)
             near = (
                 slice(max(cy - RADIUS, 0), cy + RADIUS + 1),
                 slice(max(cx - RADIUS, 0), cx + RADIUS + 1),
