@@ -698,9 +698,26 @@ class CausalDiT(nn.Module):
                 raise ValueError(f"refine times must lie in (0, 1), got {r}")
             x_r = (1.0 - r) * x0 + r * eps
             r_B_T = torch.full((B, T), r, dtype=x0.dtype, device=x0.device)
-            x0 = self.refiner(x0_B_T_C_H_W, x_r, r_B_T, prev_B_T_C_H_W, actions_B_T)
+            x0 = self.refiner_step(x0_B_T_C_H_W, x_r, r_B_T, prev_B_T_C_H_W, actions_B_T)
             eps = (x_r - (1.0 - r) * x0) / r
         return x0
+
+    def refiner_step(
+        self,
+        estimate_B_T_C_H_W: Tensor,
+        x_r_B_T_C_H_W: Tensor,
+        r_B_T: Tensor,
+        prev_B_T_C_H_W: Tensor | None,
+        actions_B_T: Tensor | None,
+    ) -> Tensor:
+        """The refiner's clean-frame estimate at RF time ``r`` (per frame, in (0, 1)): it reads
+        the noisy frame as the noise it implies if ``estimate`` were the frame,
+        ``ε̂ = (x_r − (1 − r)·estimate)/r``. Where the estimate is right, that is unit noise
+        at every ``r``; where it is wrong by ``Δ``, it is offset by ``(1 − r)·Δ/r``: what the
+        refiner has to find is then an outlier, whatever ``r`` is."""
+        r = r_B_T.to(x_r_B_T_C_H_W.dtype)[:, :, None, None, None]
+        implied = (x_r_B_T_C_H_W - (1.0 - r) * estimate_B_T_C_H_W) / r
+        return self.refiner(estimate_B_T_C_H_W, implied, r_B_T, prev_B_T_C_H_W, actions_B_T)
 
     def patchify(
         self,

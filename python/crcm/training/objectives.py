@@ -581,8 +581,8 @@ def refiner_loss(
     """The refiner (``DiTConfig.refiner``), the rest of the model frozen: a pixel-space
     denoiser of each frame, conditioned on the model's 1-step estimate of it,
 
-        L = E_{r, ε} Σ_frames mean_{C,H,W} w·(refiner(x0̂₁, x_r, r | prev, a) − x0)²,
-        x_r = (1 − r)·x0 + r·ε,   r ~ U(0, 1) per frame,
+        L = E_{r, ε} Σ_frames mean_{C,H,W} w·(refiner_step(x0̂₁, x_r, r | prev, a) − x0)²,
+        x_r = (1 − r)·x0 + r·ε,   r per frame, one of ``refine_times`` (none: U(0, 1)),
 
     where ``x0̂₁`` is the model's 1-step prediction of the frame from pure noise given the
     clip's frames before it (:func:`own_predictions`, no gradient) and ``w`` the change weights
@@ -621,10 +621,14 @@ def refiner_loss(
         estimate = own_predictions(
             model, context, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
         )
-    r_B_T = torch.rand(B, T, generator=generator, device=device).to(dtype)
+    if refine_times:  # the levels it is sampled at: capacity goes where it is used
+        levels = torch.tensor(refine_times, dtype=dtype, device=device)
+        r_B_T = levels[torch.randint(len(levels), (B, T), generator=generator, device=device)]
+    else:
+        r_B_T = torch.rand(B, T, generator=generator, device=device).to(dtype)
     x_r = add_noise(x0_B_T_C_H_W, _randn_like(x0_B_T_C_H_W, generator), r_B_T)
     prev = model.previous_frames(context, history_B_K_C_H_W)
-    refined = model.refiner(estimate, x_r, r_B_T, prev, actions_B_T)
+    refined = model.refiner_step(estimate, x_r, r_B_T, prev, actions_B_T)
     se = (refined - x0_B_T_C_H_W).square()
     mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
     loss = mse_B_T.sum(1).mean()

@@ -229,7 +229,7 @@ def test_refining_commits_an_uncertain_estimate_to_one_place():
     for _ in range(300):
         x0, r = frames(n), torch.rand(n, 1)
         x_r = (1 - r[..., None, None, None]) * x0 + r[..., None, None, None] * torch.randn_like(x0)
-        loss = (model.refiner(est, x_r, r, prev, actions) - x0).square().mean()
+        loss = (model.refiner_step(est, x_r, r, prev, actions) - x0).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
