@@ -217,10 +217,6 @@ class SamplerConfig:
             from their previous frame (``prev_frames > 0``): the shipped Breakout model
             streams with 16/127.5 (16 grey levels of a pixel codec), which keeps its
             background from drifting.
-        refine_times: for a model with a refiner (``DiTConfig.refiner``), the RF times of its
-            steps after each finished frame (:meth:`crcm.models.dit.CausalDiT.refine`;
-            strictly decreasing in (0, 1); empty: none). Each costs one refiner forward, not a
-            network forward.
 
     Presets describe the denoising only; :meth:`streamed_like` gives one the cache window and
     still threshold of a pipeline's own sampler.
@@ -237,7 +233,6 @@ class SamplerConfig:
     first_chunk_frames: int | None = None
     model_times: tuple[float, ...] | None = None
     still_threshold: float = 0.0
-    refine_times: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         # Every field is checked for its type as well as its range (a config may come from a
@@ -288,25 +283,16 @@ class SamplerConfig:
         if not 0 <= still < 2:
             raise ConfigError(f"still_threshold must be in [0, 2) (model space), got {still}")
         norm("still_threshold", still)
-        refine = tuple(
-            _finite("refine_times", t) for t in _sequence("refine_times", self.refine_times)
-        )
-        if any(not 0 < r < 1 for r in refine) or any(a <= b for a, b in itertools.pairwise(refine)):
-            raise ConfigError(
-                f"refine_times must be strictly decreasing in (0, 1), got {list(refine)}"
-            )
-        norm("refine_times", refine)
 
     def streamed_like(self, base: SamplerConfig) -> SamplerConfig:
         """This sampler's denoising with ``base``'s stream settings: its KV-cache sink and
-        window, its still threshold and its refiner steps (what a preset picked for a pipeline
-        keeps of the pipeline's own sampler)."""
+        window and its still threshold (what a preset picked for a pipeline keeps of the
+        pipeline's own sampler)."""
         return replace(
             self,
             sink_frames=base.sink_frames,
             window_frames=base.window_frames,
             still_threshold=base.still_threshold,
-            refine_times=base.refine_times,
         )
 
     def steps_of(self, chunk: int) -> int:

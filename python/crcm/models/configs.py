@@ -74,13 +74,6 @@ class DiTConfig:
     # previous frames and the action planes share their weights across the frame, as DIAMOND's
     # U-Net does. Its output layer starts at zero: adding it leaves a trained model unchanged.
     pixel_head: int = 0
-    # x0-heads: a refiner of this width (0 = none): a second full-resolution convolutional net,
-    # shaped as the pixel head, that samples the fine detail of a finished frame estimate in a
-    # few cheap steps of its own (SamplerConfig.refine_times, CausalDiT.refine). A 1-step
-    # estimate is the mean of where a small object may be (a faint smear of Breakout's ball);
-    # the refiner is a pixel-space denoiser conditioned on that estimate, and its steps, which
-    # reuse the sample's noise, commit to one place (DIAMOND samples its frames in 3 steps).
-    refiner: int = 0
     cross_attn_norm: bool = True  # Wan's affine LayerNorm before cross-attention
     eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -122,17 +115,15 @@ class DiTConfig:
             self.prediction != "x0-change" or self.prev_frames > 0,
             'prediction="x0-change" needs prev_frames > 0 (the frame the change is from)',
         )
-        for name in ("pixel_head", "refiner"):
-            width = getattr(self, name)
-            need(width >= 0, f"{name}={width} must be ≥ 0")
-            need(
-                width == 0 or self.prediction != "v",
-                f'{name} works on a clean-frame estimate: it needs prediction "x0" or "x0-change"',
-            )
-            need(
-                width == 0 or self.patch[0] == 1,
-                f"{name} needs a temporal patch of 1 (it works frame by frame)",
-            )
+        need(self.pixel_head >= 0, f"pixel_head={self.pixel_head} must be ≥ 0")
+        need(
+            self.pixel_head == 0 or self.prediction != "v",
+            'pixel_head corrects a clean-frame estimate: it needs prediction "x0" or "x0-change"',
+        )
+        need(
+            self.pixel_head == 0 or self.patch[0] == 1,
+            "pixel_head needs a temporal patch of 1 (it works frame by frame)",
+        )
         need(
             self.prev_frames == 0 or self.patch[0] == 1,
             "prev_frames needs a temporal patch of 1 (one model frame per input frame)",
@@ -158,9 +149,8 @@ class DiTConfig:
 
     @property
     def pixel_head_inputs(self) -> int:
-        """Channels the pixel head (and the refiner) reads: the clean-frame estimate, the noisy
-        frame, a plane holding ``s``, the previous frames and, with actions, one plane per
-        action id."""
+        """Channels the pixel head reads: the clean-frame estimate, the noisy frame, a plane
+        holding ``s``, the previous frames and, with actions, one plane per action id."""
         planes = self.num_actions + 1 if self.num_actions else 0
         return self.in_channels * (2 + self.prev_frames) + 1 + planes
 
@@ -196,10 +186,10 @@ class DiTConfig:
             block += attention + (2 * d if self.cross_attn_norm else 0)
         n += self.num_layers * block
         n += linear(d, self.out_channels * patch_volume) + 2 * d  # head
-        for w in (self.pixel_head, self.refiner):
-            if w:  # 5×5, 5×5, 5×5 and 3×3 convolutions (models.dit.PixelHead)
-                n += self.pixel_head_inputs * w * 25 + w + 2 * (w * w * 25 + w)
-                n += w * self.out_channels * 9 + self.out_channels
+        if self.pixel_head:  # 5×5, 5×5, 5×5 and 3×3 convolutions (models.dit.PixelHead)
+            w = self.pixel_head
+            n += self.pixel_head_inputs * w * 25 + w + 2 * (w * w * 25 + w)
+            n += w * self.out_channels * 9 + self.out_channels
         return n
 
 

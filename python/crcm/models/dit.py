@@ -395,8 +395,9 @@ class PixelHead(nn.Module):
     added to ``x0̂``; the last layer starts at zero.
     """
 
-    def __init__(self, cfg: DiTConfig, width: int) -> None:
+    def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
+        width = cfg.pixel_head
         self.num_actions = cfg.num_actions
         self.net = nn.Sequential(
             nn.Conv2d(cfg.pixel_head_inputs, width, 5, padding=2),
@@ -464,8 +465,7 @@ class CausalDiT(nn.Module):
         self.head = Head(d, patch_values, cfg.eps)
         self._init_weights()
         # Built after Wan's initialisation, which would re-initialise its zero output layer.
-        self.pixel_head = PixelHead(cfg, cfg.pixel_head) if cfg.pixel_head else None
-        self.refiner = PixelHead(cfg, cfg.refiner) if cfg.refiner else None
+        self.pixel_head = PixelHead(cfg) if cfg.pixel_head else None
 
     def _init_weights(self) -> None:
         """Wan2.1's initialisation (zero output head), plus crcm's condition tables."""
@@ -668,56 +668,6 @@ class CausalDiT(nn.Module):
         s_B_T = s_B_T.repeat_interleave(pt, dim=1) if pt > 1 else s_B_T
         denom = s_B_T.to(out.dtype).clamp_min(X0_MIN_S)[:, :, None, None, None]
         return (_wide(x_B_T_C_H_W).to(out.dtype) - out) / denom
-
-    def refine(
-        self,
-        x0_B_T_C_H_W: Tensor,
-        noise_B_T_C_H_W: Tensor,
-        times: Sequence[float],
-        prev_B_T_C_H_W: Tensor | None,
-        actions_B_T: Tensor | None,
-    ) -> Tensor:
-        """The refiner's sampler (``DiTConfig.refiner``): deterministic Euler steps in RF time
-        from a finished clean-frame estimate, one per entry of ``times`` (decreasing, in
-        (0, 1)), every step conditioned on that estimate:
-
-            x_r = (1 − r)·x0̂ + r·ε̂,   x0̂ ← refiner(estimate, x_r, r, prev, actions),
-            ε̂ ← (x_r − (1 − r)·x0̂) / r,
-
-        starting from ``ε̂ = noise`` (the noise the estimate was sampled from: the same sample,
-        carried on). Reusing the noise is what makes the steps commit: where the estimate is
-        the mean of several places an object may be, the noise at each place reads as a little
-        evidence for it, and the refiner, a denoiser trained on true frames, follows it.
-        ``prev`` and ``actions`` as in :meth:`forward`. Returns the refined estimate."""
-        if self.refiner is None:
-            raise ValueError("this model has no refiner (DiTConfig.refiner = 0)")
-        B, T = x0_B_T_C_H_W.shape[:2]
-        x0, eps = x0_B_T_C_H_W, noise_B_T_C_H_W.to(x0_B_T_C_H_W.dtype)
-        for r in times:
-            if not 0.0 < r < 1.0:
-                raise ValueError(f"refine times must lie in (0, 1), got {r}")
-            x_r = (1.0 - r) * x0 + r * eps
-            r_B_T = torch.full((B, T), r, dtype=x0.dtype, device=x0.device)
-            x0 = self.refiner_step(x0_B_T_C_H_W, x_r, r_B_T, prev_B_T_C_H_W, actions_B_T)
-            eps = (x_r - (1.0 - r) * x0) / r
-        return x0
-
-    def refiner_step(
-        self,
-        estimate_B_T_C_H_W: Tensor,
-        x_r_B_T_C_H_W: Tensor,
-        r_B_T: Tensor,
-        prev_B_T_C_H_W: Tensor | None,
-        actions_B_T: Tensor | None,
-    ) -> Tensor:
-        """The refiner's clean-frame estimate at RF time ``r`` (per frame, in (0, 1)): it reads
-        the noisy frame as the noise it implies if ``estimate`` were the frame,
-        ``ε̂ = (x_r − (1 − r)·estimate)/r``. Where the estimate is right, that is unit noise
-        at every ``r``; where it is wrong by ``Δ``, it is offset by ``(1 − r)·Δ/r``: what the
-        refiner has to find is then an outlier, whatever ``r`` is."""
-        r = r_B_T.to(x_r_B_T_C_H_W.dtype)[:, :, None, None, None]
-        implied = (x_r_B_T_C_H_W - (1.0 - r) * estimate_B_T_C_H_W) / r
-        return self.refiner(estimate_B_T_C_H_W, implied, r_B_T, prev_B_T_C_H_W, actions_B_T)
 
     def patchify(
         self,

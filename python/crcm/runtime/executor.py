@@ -320,30 +320,16 @@ class Executor:
                 if st.guided:
                     v_uncond = v_R[uncond_of[j]]
                     v = v_uncond + st.sampler.cfg_scale * (v - v_uncond)
-                x_s = st.x
                 if st.sampler.kind == "euler":
                     x0, st.x = euler_step(st.x, v, s, s_next)
                 else:
                     noise = self._noise(st, T) if s_next > 0 else torch.zeros_like(st.x)
                     x0, st.x = consistency_step(st.x, v, s, s_next, noise)
-                if plan.emits_frames[i] and st.sampler.refine_times:
-                    x0 = self._refine(st, x0, x_s, s, rows[row_of[j]].actions)
             if plan.emits_frames[i]:
                 st.x0 = x0 = self._finish_chunk(st, x0)
                 finished.append((st, x0, int(plan.frame_start[i])))
         if finished:
             self._emit(finished)
-
-    def _refine(
-        self, st: StreamState, x0: torch.Tensor, x_s: torch.Tensor, s: float, actions
-    ) -> torch.Tensor:
-        """The model's refiner steps on a finished chunk (``SamplerConfig.refine_times``),
-        carrying on the noise its last step was sampled from."""
-        noise = (x_s - (1.0 - s) * x0) / s
-        prev = None if st.prev is None else st.prev[None]
-        acts = None if actions is None else actions[None]
-        times = st.sampler.refine_times
-        return self.model.refine(x0[None], noise[None], times, prev, acts)[0]
 
     def _plan_row(
         self,

@@ -407,11 +407,6 @@ class Runtime:
                 "still_threshold holds pixels at the previous frame's value, which only models "
                 "with prev_frames > 0 keep; set it to 0 for this model"
             )
-        if sampler.refine_times and not self.pipeline.model.cfg.refiner:
-            raise ConfigError(
-                "refine_times are steps of a model's refiner, and this model has none "
-                "(DiTConfig.refiner = 0); set them to ()"
-            )
         guided = sampler.kind == "euler" and sampler.cfg_scale != 1.0
         encoder = self.pipeline.text_encoder
         if prompt is not None and cond is not None:

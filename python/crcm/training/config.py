@@ -28,7 +28,6 @@ and ``df-dmd`` (their fake score starts as a copy of it). ``joint-rcm`` needs bo
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -53,7 +52,6 @@ Stage = Literal[
     "df-dmd",
     "ode-init",
     "joint-rcm",
-    "refiner",
 ]
 STAGES: tuple[str, ...] = get_args(Stage)
 DISTILLATION = ("tf-scm", "tf-dcm", "trigflow-scm", "sf-dmd", "df-dmd", "ode-init", "joint-rcm")
@@ -148,13 +146,6 @@ class TrainConfig:
     # Which weights the stage trains: "all", or "pixel_head" (the rest frozen: a cheap stage
     # that teaches the head what the patch head cannot place, on the frozen network's output).
     trainable: Literal["all", "pixel_head"] = "all"
-    # Stage "refiner": give the init model a refiner of this width if it has none
-    # (DiTConfig.refiner); the stage trains it alone, the rest frozen. None: keep the model's.
-    refiner: int | None = None
-    # The sampler's refiner steps (SamplerConfig.refine_times, RF times in (0, 1), decreasing):
-    # the run's pipeline streams with them, and the refiner stage's own-frame context is
-    # refined the same way. None: the init pipeline's.
-    refine_times: tuple[float, ...] | None = None
     # guidance of `teacher`: by default 3 for consistency distillation, ode-init and joint-rcm's
     # sCM term, 5 for the DMD teacher of sf-dmd / df-dmd
     cfg_scale: float | None = None
@@ -255,18 +246,6 @@ class TrainConfig:
         need(
             self.pixel_head is None or self.pixel_head > 0,
             f"pixel_head must be a width > 0 (or unset), got {self.pixel_head}",
-        )
-        need(
-            self.refiner is None or self.refiner > 0,
-            f"refiner must be a width > 0 (or unset), got {self.refiner}",
-        )
-        need(
-            self.refine_times is None
-            or (
-                all(0 < r < 1 for r in self.refine_times)
-                and all(a > b for a, b in itertools.pairwise(self.refine_times))
-            ),
-            f"refine_times must be strictly decreasing in (0, 1), got {self.refine_times}",
         )
         need(
             self.trainable in ("all", "pixel_head"),

@@ -52,7 +52,6 @@ __all__ = [
     "flow_matching_loss",
     "guided_velocity",
     "pack_teacher_forcing",
-    "refiner_loss",
     "scm_regression_loss",
     "tangent_warmup",
     "tf_dcm_loss",
@@ -511,30 +510,24 @@ def own_rollout(
     generator: torch.Generator | None,
     *,
     still_threshold: float = 0.0,
-    refine_times: tuple[float, ...] = (),
 ) -> Tensor:
     """:func:`own_predictions` made again from its own output ``depth`` times: chunk ``n`` is
     then generated from the model's frames of the ``depth − 1`` chunks before it (and true
     frames before those), so ``depth ≥ T / chunk_frames`` is the clip generated chunk by chunk
     from its history alone, as a stream generates it (with fresh noise per pass).
-    ``refine_times`` runs the model's refiner on each prediction (from the noise it was
-    sampled from) and ``still_threshold`` then holds each generated frame's barely changed
-    pixels at the frame it was predicted from (:func:`crcm.sampling.hold_still`), as the
-    runtime does."""
+    ``still_threshold`` holds each generated frame's barely changed pixels at the frame it was
+    predicted from (:func:`crcm.sampling.hold_still`), as the runtime does."""
     if depth < 1:
         raise ValueError(f"self_context_depth must be >= 1, got {depth}")
     own = x0_B_T_C_H_W
     C = x0_B_T_C_H_W.shape[2]
     for _ in range(depth):
-        noise = _randn_like(own, generator)
         predicted = own_predictions(
-            model, own, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator, noise
+            model, own, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
         )
-        prev = model.previous_frames(own, history_B_K_C_H_W)
-        if refine_times:
-            predicted = model.refine(predicted, noise, refine_times, prev, actions_B_T)
         if still_threshold > 0:
-            predicted = hold_still(predicted, prev[:, :, -C:], still_threshold)
+            last = model.previous_frames(own, history_B_K_C_H_W)[:, :, -C:]
+            predicted = hold_still(predicted, last, still_threshold)
         own = predicted
     return own
 
@@ -548,93 +541,17 @@ def own_predictions(
     actions_B_T: Tensor | None,
     history_B_K_C_H_W: Tensor | None,
     generator: torch.Generator | None,
-    noise: Tensor | None = None,
 ) -> Tensor:
     """The model's 1-step prediction ``x0̂ = x_1 − v_θ(x_1, 1 | x0_<chunk)`` of every chunk
-    of the clip from pure noise (``noise``, or drawn), given the frames of ``x0`` before it
-    (one teacher-forced forward, no gradient): what 1-step streaming would show in place of
-    each frame (before a refiner's steps)."""
+    of the clip from pure noise, given the frames of ``x0`` before it (one teacher-forced
+    forward, no gradient): what 1-step streaming would show in place of each frame."""
     B = x0_B_T_C_H_W.shape[0]
-    if noise is None:
-        noise = _randn_like(x0_B_T_C_H_W, generator)
+    noise = _randn_like(x0_B_T_C_H_W, generator)
     ones_B = torch.ones(B, dtype=x0_B_T_C_H_W.dtype, device=x0_B_T_C_H_W.device)
     batch = _pack(
         model, x0_B_T_C_H_W, noise, ones_B, chunk_frames, actions_B_T, 0.0, None, history_B_K_C_H_W
     )
     return (noise - batch.velocity(model, cond)).to(x0_B_T_C_H_W.dtype)
-
-
-def refiner_loss(
-    model: CausalDiT,
-    x0_B_T_C_H_W: Tensor,
-    *,
-    chunk_frames: int = 1,
-    cond: Tensor | None = None,
-    actions_B_T: Tensor | None = None,
-    refine_times: tuple[float, ...] = (),
-    self_context: float = 0.0,
-    still_threshold: float = 0.0,
-    change_weight: float = 0.0,
-    history_B_K_C_H_W: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Logs]:
-    """The refiner (``DiTConfig.refiner``), the rest of the model frozen: a pixel-space
-    denoiser of each frame, conditioned on the model's 1-step estimate of it,
-
-        L = E_{r, ε} Σ_frames mean_{C,H,W} w·(refiner_step(x0̂₁, x_r, r | prev, a) − x0)²,
-        x_r = (1 − r)·x0 + r·ε,   r per frame, one of ``refine_times`` (none: U(0, 1)),
-
-    where ``x0̂₁`` is the model's 1-step prediction of the frame from pure noise given the
-    clip's frames before it (:func:`own_predictions`, no gradient) and ``w`` the change weights
-    (``change_weight``). With ``self_context > 0`` that context (and the previous frames) is,
-    in that share of the clips, the model's own frames as its stream makes them (1 step, the
-    refiner's ``refine_times``, the ``still_threshold``; targets true), so the refiner learns
-    to keep the detail of a frame continued from its own.
-
-    Why a denoiser and not a second regression: a regression on ``x0̂₁`` can only sharpen what
-    it is sure of, so an object that may be at several places stays a faint mean. Trained on
-    noisy true frames, the refiner reads the noise in ``x_r`` as evidence, and
-    :meth:`CausalDiT.refine` sampling it with the sample's own noise commits to one place."""
-    if model.refiner is None:
-        raise ValueError("refiner_loss needs a model with a refiner (DiTConfig.refiner > 0)")
-    if not 0.0 <= self_context <= 1.0:
-        raise ValueError(f"self_context must lie in [0, 1], got {self_context}")
-    B, T = _check_video(x0_B_T_C_H_W)
-    device, dtype = x0_B_T_C_H_W.device, x0_B_T_C_H_W.dtype
-    with torch.no_grad():
-        context = x0_B_T_C_H_W
-        if self_context > 0:
-            own = own_rollout(
-                model,
-                x0_B_T_C_H_W,
-                1,
-                chunk_frames,
-                cond,
-                actions_B_T,
-                history_B_K_C_H_W,
-                generator,
-                still_threshold=still_threshold,
-                refine_times=refine_times,
-            )
-            pick_B = torch.rand(B, generator=generator, device=device) < self_context
-            context = torch.where(pick_B[:, None, None, None, None], own, x0_B_T_C_H_W)
-        estimate = own_predictions(
-            model, context, chunk_frames, cond, actions_B_T, history_B_K_C_H_W, generator
-        )
-    if refine_times:  # the levels it is sampled at: capacity goes where it is used
-        levels = torch.tensor(refine_times, dtype=dtype, device=device)
-        r_B_T = levels[torch.randint(len(levels), (B, T), generator=generator, device=device)]
-    else:
-        r_B_T = torch.rand(B, T, generator=generator, device=device).to(dtype)
-    x_r = add_noise(x0_B_T_C_H_W, _randn_like(x0_B_T_C_H_W, generator), r_B_T)
-    prev = model.previous_frames(context, history_B_K_C_H_W)
-    refined = model.refiner_step(estimate, x_r, r_B_T, prev, actions_B_T)
-    se = (refined - x0_B_T_C_H_W).square()
-    mse_B_T = (change_weights(x0_B_T_C_H_W, change_weight) * se).mean((2, 3, 4))
-    loss = mse_B_T.sum(1).mean()
-    with torch.no_grad():
-        before = change_weights(x0_B_T_C_H_W, change_weight) * (estimate - x0_B_T_C_H_W).square()
-    return loss, {"loss": loss.detach(), "estimate_mse": before.mean().detach()}
 
 
 def df_teacher_loss(

@@ -62,20 +62,14 @@ JVP_STAGES = ("tf-scm", "trigflow-scm", "joint-rcm")
 SAMPLE_EULER_STEPS = 16  # teachers' sample videos: Euler steps per chunk (with CFG 3)
 
 
-def with_module(model: CausalDiT, name: str, width: int, seed: int) -> CausalDiT:
-    """``model`` with a new ``name`` module (``"pixel_head"`` or ``"refiner"``, a
-    :class:`~crcm.models.dit.PixelHead`) of ``width`` channels. A new pixel head's output is
-    zero, so the model's samples are unchanged; a refiner starts as a copy of the model's
-    pixel head where it has one of the same width (the same inputs, the same job: correct a
-    clean-frame estimate), else with a zero output."""
+def with_pixel_head(model: CausalDiT, width: int, seed: int) -> CausalDiT:
+    """``model`` with a new pixel head of ``width`` channels (zero output: the same model)."""
     torch.manual_seed(seed)
     like = next(model.parameters())
-    grown = CausalDiT(replace(model.cfg, **{name: width})).to(like.device, like.dtype)
+    grown = CausalDiT(replace(model.cfg, pixel_head=width)).to(like.device, like.dtype)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(f"{name}.") for k in missing):
-        raise ConfigError(f"cannot add a {name}: weights {missing + unexpected} do not match")
-    if name == "refiner" and model.cfg.pixel_head == width:
-        grown.refiner.load_state_dict(model.pixel_head.state_dict())
+    if unexpected or any(not k.startswith("pixel_head.") for k in missing):
+        raise ConfigError(f"cannot add a pixel head: weights {missing + unexpected} do not match")
     return grown
 
 
@@ -159,21 +153,10 @@ class _Stage:
             self.pipeline.sampler = replace(
                 self.pipeline.sampler, still_threshold=cfg.still_threshold
             )
-        if cfg.refine_times is not None:
-            self.pipeline.sampler = replace(self.pipeline.sampler, refine_times=cfg.refine_times)
-        for name in ("pixel_head", "refiner"):
-            width = getattr(cfg, name)
-            if width is not None and not getattr(self.pipeline.model.cfg, name):
-                self.pipeline.model = with_module(self.pipeline.model, name, width, cfg.seed)
+        if cfg.pixel_head is not None and not self.pipeline.model.cfg.pixel_head:
+            self.pipeline.model = with_pixel_head(self.pipeline.model, cfg.pixel_head, cfg.seed)
         self.student = self.pipeline.model.to(device).train()
-        if cfg.stage == "refiner":
-            if self.student.refiner is None:
-                raise ConfigError(
-                    "stage refiner needs a model with a refiner: set refiner (its width) to add one"
-                )
-            self.student.requires_grad_(False)
-            self.student.refiner.requires_grad_(True)
-        elif cfg.trainable == "pixel_head":
+        if cfg.trainable == "pixel_head":
             if self.student.pixel_head is None:
                 raise ConfigError(
                     'trainable = "pixel_head" needs a model with a pixel head: set pixel_head '
@@ -449,18 +432,6 @@ class _Stage:
                 attention=mask,
             )
             loss = sf.ode_regression_loss(student, xs, target, times, cfg.chunk_frames, **common)
-        elif cfg.stage == "refiner":
-            loss, logs = obj.refiner_loss(
-                student,
-                x0,
-                chunk_frames=cfg.chunk_frames,
-                refine_times=self.pipeline.sampler.refine_times,
-                self_context=cfg.self_context,
-                still_threshold=self.pipeline.sampler.still_threshold,
-                change_weight=cfg.change_weight,
-                **common,
-                **past,
-            )
         else:  # pragma: no cover - the config validates the stage
             raise ConfigError(f"unknown stage {cfg.stage}")
         return loss, logs

@@ -1,9 +1,7 @@
 """The pixel head (``DiTConfig.pixel_head``): a full-resolution convolutional correction of an
 x0-head's clean-frame estimate, added to a trained model without changing it, trained alone
 (``trainable = "pixel_head"``), and run by every path that runs the model (the layer-wise JVP,
-the runtime, a saved pipeline). And the refiner (``DiTConfig.refiner``), a pixel-space
-denoiser of the same shape sampled in a few steps after each frame
-(``SamplerConfig.refine_times``), trained alone by the ``refiner`` stage."""
+the runtime, a saved pipeline)."""
 
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from crcm.pipeline import Pipeline, load
 from crcm.runtime import Runtime
 from crcm.sampling import SamplerConfig
 from crcm.training.config import load_config
-from crcm.training.trainer import train, with_module
+from crcm.training.trainer import train, with_pixel_head
 
 
 def inputs(seed: int = 1, B: int = 2, T: int = 3):
@@ -36,7 +34,7 @@ def inputs(seed: int = 1, B: int = 2, T: int = 3):
 
 def test_a_new_pixel_head_leaves_the_model_unchanged_until_it_learns():
     model = randomized(CausalDiT(WM).double())
-    grown = with_module(model, "pixel_head", 8, seed=0).double().eval()
+    grown = with_pixel_head(model, 8, seed=0).double().eval()
     assert grown.cfg.pixel_head == 8 and model.pixel_head is None
     x, s, kw = inputs()
     torch.testing.assert_close(grown(x, s, **kw), model(x, s, **kw), rtol=0, atol=0)
@@ -51,7 +49,7 @@ def test_a_new_pixel_head_leaves_the_model_unchanged_until_it_learns():
 
 
 def test_a_pixel_head_needs_a_clean_frame_estimate():
-    with pytest.raises(ValueError, match="pixel_head works on a clean-frame estimate"):
+    with pytest.raises(ValueError, match="pixel_head corrects a clean-frame estimate"):
         WM.replace(prediction="v", pixel_head=8)
     with pytest.raises(ValueError, match="pixel_head=-1"):
         WM.replace(pixel_head=-1)
@@ -165,136 +163,3 @@ def test_training_only_a_missing_pixel_head_is_refused(tmp_path, breakout_run):
     overrides = [f'out="{tmp_path / "x"}"', f'init="{teacher}"', 'trainable="pixel_head"']
     with pytest.raises(ConfigError, match="needs a model with a pixel head"):
         train(load_config(None, [*overrides, "steps=1", *common], stage="teacher-tf"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The refiner
-
-
-def test_a_refiner_needs_a_clean_frame_estimate_and_valid_times():
-    with pytest.raises(ValueError, match="refiner works on a clean-frame estimate"):
-        WM.replace(prediction="v", refiner=8)
-    with pytest.raises(ConfigError, match="refine_times must be strictly decreasing"):
-        SamplerConfig(refine_times=(0.2, 0.5))
-    with pytest.raises(ConfigError, match="refine_times must be strictly decreasing"):
-        SamplerConfig(refine_times=(1.0,))
-    with pytest.raises(ConfigError, match="refine_times must be strictly decreasing"):
-        load_config(None, ["refine_times=[0.5, 0.5]"], stage="refiner")
-    with pytest.raises(ValueError, match="no refiner"):
-        CausalDiT(WM).refine(
-            torch.zeros(1, 1, 4, 8, 8), torch.zeros(1, 1, 4, 8, 8), (0.5,), None, None
-        )
-
-
-def test_a_new_refiner_starts_as_the_pixel_head_or_as_nothing():
-    """Grown on a model with a pixel head of its width, the refiner is a copy of the head (the
-    same inputs, the same job); on one without, its output is zero and refining returns the
-    estimate as it was."""
-    headed = randomized(CausalDiT(WM.replace(pixel_head=4)).double())
-    grown = with_module(headed, "refiner", 4, seed=0)
-    for name, p in headed.pixel_head.state_dict().items():
-        torch.testing.assert_close(grown.refiner.state_dict()[name], p, rtol=0, atol=0)
-    bare = with_module(randomized(CausalDiT(WM).double()), "refiner", 4, seed=0)
-    x, _, kw = inputs()
-    noise = torch.randn_like(x)
-    refined = bare.refine(x, noise, (0.8, 0.5, 0.2), kw["prev_B_T_C_H_W"], kw["actions_B_T"])
-    torch.testing.assert_close(refined, x, rtol=0, atol=0)
-
-
-def test_refining_commits_an_uncertain_estimate_to_one_place():
-    """What the refiner is for. A dot is at one of two places with even odds; the estimate a
-    regression makes is the mean, half bright at both (no place chosen). A refiner trained as
-    a denoiser of the true frames (noised, conditioned on that estimate) and sampled with the
-    noise carried through its steps draws one bright dot and a dark other place in most
-    samples, each place about as often as the data has it. Without the steps, in none."""
-    torch.manual_seed(0)
-    model = CausalDiT(WM.replace(refiner=16))
-    C, (H, W) = WM.in_channels, WM.frame_hw
-    places = ((2, 2), (2, 5))
-
-    def frames(n: int) -> torch.Tensor:
-        x = -torch.ones(n, 1, C, H, W)
-        first = torch.rand(n) < 0.5
-        x[first, :, :, places[0][0], places[0][1]] = 1
-        x[~first, :, :, places[1][0], places[1][1]] = 1
-        return x
-
-    estimate = -torch.ones(1, 1, C, H, W)
-    for y, x in places:
-        estimate[..., y, x] = 0
-    n = 64
-    est, prev = estimate.expand(n, -1, -1, -1, -1), torch.zeros(n, 1, 2 * C, H, W)
-    actions = torch.zeros(n, 1, dtype=torch.long)
-    opt = torch.optim.Adam(model.refiner.parameters(), lr=3e-3)
-    for _ in range(300):
-        x0, r = frames(n), torch.rand(n, 1)
-        x_r = (1 - r[..., None, None, None]) * x0 + r[..., None, None, None] * torch.randn_like(x0)
-        loss = (model.refiner_step(est, x_r, r, prev, actions) - x0).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def chosen(y: torch.Tensor) -> tuple[float, float]:
-        a, b = (y[:, 0, :, py, px].mean(1) for py, px in places)
-        one = ((a > 0.6) & (b < -0.6)) | ((b > 0.6) & (a < -0.6))
-        return one.float().mean().item(), (a > b).float().mean().item()
-
-    assert chosen(est)[0] == 0.0
-    with torch.no_grad():
-        noise = torch.randn(n, 1, C, H, W, generator=torch.Generator().manual_seed(1))
-        refined = model.refine(est, noise, (0.8, 0.5, 0.2), prev, actions)
-    one_place, first_wins = chosen(refined)
-    assert one_place >= 0.6
-    assert 0.25 <= first_wins <= 0.75
-
-
-def test_the_runtime_runs_the_refiner_steps_after_each_generated_frame(tmp_path: Path):
-    base = Pipeline.from_config("tiny", seed=0)
-    pipe = Pipeline(
-        model=randomized(CausalDiT(WM.replace(pixel_head=4, refiner=4))),
-        codec=base.codec,
-        sampler=SamplerConfig(chunk_frames=1, window_frames=8, refine_times=(0.5, 0.2)),
-        action_names=("NOOP", "FIRE", "RIGHT", "LEFT"),
-        name="tiny-wm-refiner",
-    )
-    loaded = load(pipe.save(tmp_path / "p"))
-    assert loaded.sampler.refine_times == (0.5, 0.2) and loaded.model.cfg.refiner == 4
-    calls: list[int] = []
-    loaded.model.refiner.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
-    actions = [0, 2, 3]
-
-    def stream(sampler: SamplerConfig) -> np.ndarray:
-        rt = Runtime(loaded, max_streams=1, context_frames=8)
-        session = rt.open(sampler=sampler, seed=3, max_frames=len(actions))
-        session.push_actions(actions)
-        return np.stack(list(session.frames()))
-
-    refined = stream(loaded.sampler)
-    assert calls == [1] * (2 * len(actions))  # two steps per generated frame, none elsewhere
-    plain = stream(SamplerConfig(chunk_frames=1, window_frames=8))
-    assert len(calls) == 2 * len(actions) and not np.array_equal(refined, plain)
-    bare = Pipeline(
-        model=CausalDiT(WM),
-        codec=base.codec,
-        sampler=SamplerConfig(chunk_frames=1),
-        action_names=pipe.action_names,
-    )
-    with pytest.raises(ConfigError, match="this model has none"):
-        Runtime(bare, max_streams=1, context_frames=8).open(sampler=loaded.sampler, max_frames=1)
-
-
-def test_training_the_refiner_keeps_every_other_weight(tmp_path, breakout_run):
-    teacher, common = breakout_run
-    overrides = [f'init="{teacher}"', "refiner=4", "refine_times=[0.5, 0.2]", "lr=1e-2"]
-    overrides += ["self_context=0.5", "change_weight=40"]
-    cfg = load_config(
-        None, [f'out="{tmp_path / "refiner"}"', "steps=2", *common, *overrides], stage="refiner"
-    )
-    before = load(teacher / "pipeline").model.state_dict()
-    after = load(train(cfg, progress=False) / "pipeline")
-    assert after.model.cfg.refiner == 4 and after.sampler.refine_times == (0.5, 0.2)
-    for name, p in after.model.state_dict().items():
-        if name.startswith("refiner."):
-            continue
-        torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
-    assert after.model.refiner.net[-1].weight.abs().max() > 0  # the refiner learnt something
