@@ -151,6 +151,9 @@ class TrainConfig:
     cfg_scale: float | None = None
     dmd_cfg_scale: float | None = None  # joint-rcm only: guidance of `dmd_teacher` (default 5)
     tangent_warmup_steps: int = 1000
+    # ode-init: Euler steps of the teacher's trajectories that the student regresses (the
+    # student's own times are added to the grid). Each costs a teacher forward per frame.
+    ode_steps: int = 48
     # SF-DMD
     fake_score_updates: int = 5
     fake_score_lr: float | None = None
@@ -226,6 +229,7 @@ class TrainConfig:
         need(self.time_shift > 0, f"time_shift must be positive, got {self.time_shift}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
         need(1 <= self.max_steps <= 4, "max_steps must be between 1 and 4")
+        need(self.ode_steps >= 1, f"ode_steps must be >= 1, got {self.ode_steps}")
         need(
             self.precision in (None, "fp32", "bf16"),
             f'precision must be "fp32" or "bf16", got {self.precision!r}',

@@ -426,6 +426,7 @@ class _Stage:
                 self.teacher,
                 noise,
                 times,
+                num_steps=cfg.ode_steps,
                 cfg_scale=cfg.guidance,
                 cond=batch.cond,
                 actions_B_T=batch.actions_B_T,

@@ -85,6 +85,24 @@ def test_every_distillation_stage_runs_from_the_teacher(tmp_path, teacher, stage
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student moved
 
 
+def test_ode_init_solves_the_teachers_trajectories_with_ode_steps(tmp_path, teacher, monkeypatch):
+    """``ode_steps`` is the Euler grid of the ODE pairs (each step a teacher forward per
+    frame): the stage hands it to the solver."""
+    seen: list[int] = []
+    solve = sf.generate_ode_pairs
+
+    def counting(*args, num_steps, **kwargs):
+        seen.append(num_steps)
+        return solve(*args, num_steps=num_steps, **kwargs)
+
+    monkeypatch.setattr(sf, "generate_ode_pairs", counting)
+    extra = [f'init="{teacher}"', f'teacher="{teacher}"', "max_steps=2", "ode_steps=3"]
+    train(config(tmp_path, "ode", "ode-init", "steps=1", *extra), progress=False)
+    assert seen == [3]
+    with pytest.raises(ConfigError, match="ode_steps must be >= 1"):
+        config(tmp_path, "bad", "ode-init", f'teacher="{teacher}"', "ode_steps=0")
+
+
 def _random_pipeline(folder, seed: int):
     """A tiny pipeline whose zero-initialised layers (output head, action table) are random, so
     that every model in the joint tests gives its own, non-zero velocities."""
