@@ -423,8 +423,10 @@ def _guided_velocity(
     attention: Attention,
     cfg_scale: float,
     prev_B_T_C_H_W: Tensor | None = None,
+    frame_pos_B_T: Tensor | None = None,
 ) -> Tensor:
-    """CFG velocity ``v(x | ∅) + w·(v(x | c) − v(x | ∅))``, both branches in one forward.
+    """CFG velocity ``v(x | ∅) + w·(v(x | c) − v(x | ∅))``, both branches in one forward
+    (the conditioned rows first: an ``attention`` callable sees them in that order).
 
     ∅ follows ``objectives.guided_velocity``: the null per-video condition (actions kept), or,
     for models without one (world models), the null action on every frame. ``cond=None`` on a
@@ -439,6 +441,7 @@ def _guided_velocity(
             actions_B_T=actions_B_T,
             attention=attention,
             prev_B_T_C_H_W=prev,
+            frame_pos_B_T=frame_pos_B_T,
         )
     B = x_B_T_C_H_W.shape[0]
     if model.cfg.cond != "none":
@@ -458,6 +461,7 @@ def _guided_velocity(
         actions_B_T=both_actions,
         attention=attention,
         prev_B_T_C_H_W=None if prev is None else prev.repeat(2, 1, 1, 1, 1),
+        frame_pos_B_T=None if frame_pos_B_T is None else frame_pos_B_T.repeat(2, 1),
     ).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
@@ -757,36 +761,73 @@ def _sequential_ode_pairs(
 ) -> tuple[Tensor, Tensor]:
     """``generate_ode_pairs`` for a teacher conditioned on its previous frames: a frame's
     trajectory needs the finished frames before it, so frames are solved one after another,
-    each under the block-causal mask behind the clean frames already solved (what the teacher
-    sees when it streams)."""
+    each behind the clean frames already solved (what the teacher sees when it streams).
+
+    The finished frames' keys and values do not change while a frame is solved (under the
+    block-causal mask they never see it), so they are computed once per frame
+    (:class:`_PrefixCache`) and every Euler step runs the frame's own tokens only: a clip of
+    ``T`` frames costs ``T`` frame-forwards per step instead of ``T(T + 1)/2``."""
     B, T, _, H, W = noise_B_T_C_H_W.shape
     tpf = teacher.tokens_per_frame(H, W)
     done: list[Tensor] = []  # finished frames, [B, 1, C, H, W] each
     states_by_frame: list[Tensor] = []  # [B, K, 1, C, H, W] per frame
     for t in range(T):
         x = noise_B_T_C_H_W[:, t : t + 1]
-        mask = block_causal_mask(t + 1, 1, tpf)
-        actions = None if actions_B_T is None else actions_B_T[:, : t + 1]
+        prefix = _PrefixCache()
+        if done:
+            clean = torch.cat(done, dim=1)
+            _guided_velocity(
+                teacher,
+                clean,
+                torch.zeros(B, t, device=x.device),
+                actions_B_T=None if actions_B_T is None else actions_B_T[:, :t],
+                attention=prefix.recorder(block_causal_mask(t, 1, tpf).dense(x.device)),
+                prev_B_T_C_H_W=teacher.previous_frames(clean),
+                **guided,
+            )
+        # The frame's previous frames are the finished ones (its own value is not read).
+        prev = teacher.previous_frames(torch.cat([*done, x], dim=1))
         states: dict[float, Tensor] = {}
         for s, s_next in itertools.pairwise(grid):
             if s in times:
                 states[s] = x
-            seq = torch.cat([*done, x], dim=1)
-            s_B_t = torch.zeros(B, t + 1, device=x.device)
-            s_B_t[:, t] = s
             v = _guided_velocity(
                 teacher,
-                seq,
-                s_B_t,
-                actions_B_T=actions,
-                attention=mask,
-                prev_B_T_C_H_W=teacher.previous_frames(seq),
+                x,
+                torch.full((B, 1), s, device=x.device),
+                actions_B_T=None if actions_B_T is None else actions_B_T[:, t : t + 1],
+                attention=prefix.attend,
+                prev_B_T_C_H_W=None if prev is None else prev[:, t : t + 1],
+                frame_pos_B_T=torch.full((B, 1), t, device=x.device),
                 **guided,
-            )[:, t : t + 1]
+            )
             x = x + (s_next - s) * v
         done.append(x)
         states_by_frame.append(torch.stack([states[s] for s in times], dim=1))
     return torch.cat(states_by_frame, dim=2), torch.cat(done, dim=1)
+
+
+class _PrefixCache:
+    """Per-layer keys and values of the finished frames of a sequential ODE solve: recorded
+    by one forward over them (:meth:`recorder`), then attended to, with the solved frame's
+    own, by every Euler step's forward over that frame (:meth:`attend`)."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+
+    def recorder(self, allowed_L_L: Tensor) -> AttnFn:
+        def attn_fn(layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.k[layer_idx], self.v[layer_idx] = k, v
+            return sdpa_attention(q, k, v, allowed_L_L)
+
+        return attn_fn
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if layer_idx in self.k:
+            k = torch.cat([self.k[layer_idx], k], dim=1)
+            v = torch.cat([self.v[layer_idx], v], dim=1)
+        return sdpa_attention(q, k, v, None)
 
 
 def ode_regression_loss(

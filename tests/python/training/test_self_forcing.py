@@ -13,18 +13,20 @@ Oracles:
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import Tensor, nn
+from world_models import WM, randomized
 
 from crcm.masks import Mask, block_causal_mask
 from crcm.models import CausalDiT
 from crcm.models.configs import get_config
 from crcm.pipeline import Pipeline
 from crcm.runtime import Runtime
-from crcm.sampling import SamplerConfig, consistency_times
+from crcm.sampling import SamplerConfig, consistency_times, euler_times
 from crcm.training.self_forcing import (
     CycledStepSchedule,
     RandomExitSchedule,
@@ -538,3 +540,44 @@ def test_invalid_inputs_are_refused():
         self_forcing_rollout(model, SamplerConfig(kind="euler", times=(0.5,)), 1, 1)
     with pytest.raises(ValueError, match="actions_B_T"):
         self_forcing_rollout(model, sampler(1, (1,)), 1, 2, actions_B_T=torch.zeros(1, 3).long())
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_ode_pairs_of_a_frame_conditioned_teacher_are_those_of_the_whole_prefix(cfg_scale):
+    """A teacher with previous frames solves a clip frame by frame, the finished frames'
+    keys and values computed once: the same trajectories as solving each frame in one forward
+    with every finished frame before it under the block-causal mask (what it sees streaming),
+    with and without guidance."""
+    teacher = randomized(CausalDiT(WM).double())
+    gen = torch.Generator().manual_seed(0)
+    B, T = 2, 3
+    eps = torch.randn(B, T, WM.in_channels, *WM.frame_hw, generator=gen, dtype=torch.float64)
+    actions = torch.randint(0, WM.num_actions, (B, T), generator=gen)
+    times, steps = list(TIMES[:2]), 6
+    xs, x0 = generate_ode_pairs(
+        teacher, eps, times, num_steps=steps, cfg_scale=cfg_scale, actions_B_T=actions
+    )
+
+    grid = [*sorted(set(euler_times(steps, 5.0)) | set(times), reverse=True), 0.0]
+    tpf = WM.tokens_per_frame
+    done, states = [], []
+    for t in range(T):
+        x, at = eps[:, t : t + 1], {}
+        for s, s_next in itertools.pairwise(grid):
+            if s in times:
+                at[s] = x
+            seq = torch.cat([*done, x], dim=1)
+            s_B_t = torch.zeros(B, t + 1)  # float32, as the solver gives it
+            s_B_t[:, t] = s
+            kw = dict(attention=block_causal_mask(t + 1, 1, tpf))
+            kw["prev_B_T_C_H_W"] = teacher.previous_frames(seq)
+            v = teacher(seq, s_B_t, actions_B_T=actions[:, : t + 1], **kw)
+            if cfg_scale != 1.0:
+                null = torch.full_like(actions[:, : t + 1], teacher.null_action)
+                v_null = teacher(seq, s_B_t, actions_B_T=null, **kw)
+                v = v_null + cfg_scale * (v - v_null)
+            x = x + (s_next - s) * v[:, t : t + 1]
+        done.append(x)
+        states.append(torch.stack([at[s] for s in times], dim=1))
+    torch.testing.assert_close(x0, torch.cat(done, dim=1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(xs, torch.cat(states, dim=2), rtol=1e-9, atol=1e-9)
