@@ -763,71 +763,43 @@ def _sequential_ode_pairs(
     trajectory needs the finished frames before it, so frames are solved one after another,
     each behind the clean frames already solved (what the teacher sees when it streams).
 
-    The finished frames' keys and values do not change while a frame is solved (under the
-    block-causal mask they never see it), so they are computed once per frame
-    (:class:`_PrefixCache`) and every Euler step runs the frame's own tokens only: a clip of
-    ``T`` frames costs ``T`` frame-forwards per step instead of ``T(T + 1)/2``."""
-    B, T, _, H, W = noise_B_T_C_H_W.shape
-    tpf = teacher.tokens_per_frame(H, W)
+    As in the self-forcing rollout, the finished frames' keys and values sit in a
+    :class:`DenseKVCache`, written by one forward of each finished frame at s = 0, and every
+    Euler step runs the frame being solved only: ``T`` frame-forwards per step for a clip of
+    ``T`` frames instead of ``T(T + 1)/2``. Guidance runs both branches in each forward, so
+    the cache holds both."""
+    B, T = noise_B_T_C_H_W.shape[:2]
+    dev = noise_B_T_C_H_W.device
+    cache = DenseKVCache()
     done: list[Tensor] = []  # finished frames, [B, 1, C, H, W] each
     states_by_frame: list[Tensor] = []  # [B, K, 1, C, H, W] per frame
     for t in range(T):
         x = noise_B_T_C_H_W[:, t : t + 1]
-        prefix = _PrefixCache()
-        if done:
-            clean = torch.cat(done, dim=1)
-            _guided_velocity(
-                teacher,
-                clean,
-                torch.zeros(B, t, device=x.device),
-                actions_B_T=None if actions_B_T is None else actions_B_T[:, :t],
-                attention=prefix.recorder(block_causal_mask(t, 1, tpf).dense(x.device)),
-                prev_B_T_C_H_W=teacher.previous_frames(clean),
-                **guided,
-            )
-        # The frame's previous frames are the finished ones (its own value is not read).
-        prev = teacher.previous_frames(torch.cat([*done, x], dim=1))
+        frame = {
+            "actions_B_T": None if actions_B_T is None else actions_B_T[:, t : t + 1],
+            # the frame's previous frames are the finished ones (its own value is not read)
+            "prev_B_T_C_H_W": None
+            if not teacher.cfg.prev_frames
+            else teacher.previous_frames(torch.cat([*done, x], dim=1))[:, t : t + 1],
+            "frame_pos_B_T": torch.full((B, 1), t, device=dev),
+            **guided,
+        }
+        context = cache.context()
+        attention = _cached_attention(context, None)  # the context's K/V joined once a frame
         states: dict[float, Tensor] = {}
         for s, s_next in itertools.pairwise(grid):
             if s in times:
                 states[s] = x
-            v = _guided_velocity(
-                teacher,
-                x,
-                torch.full((B, 1), s, device=x.device),
-                actions_B_T=None if actions_B_T is None else actions_B_T[:, t : t + 1],
-                attention=prefix.attend,
-                prev_B_T_C_H_W=None if prev is None else prev[:, t : t + 1],
-                frame_pos_B_T=torch.full((B, 1), t, device=x.device),
-                **guided,
-            )
+            s_B_1 = torch.full((B, 1), s, device=dev)
+            v = _guided_velocity(teacher, x, s_B_1, attention=attention, **frame)
             x = x + (s_next - s) * v
+        captured: dict[int, tuple[Tensor, Tensor]] = {}
+        attention = _cached_attention(context, captured)
+        _guided_velocity(teacher, x, torch.zeros(B, 1, device=dev), attention=attention, **frame)
+        cache.append(t, captured, 1)
         done.append(x)
         states_by_frame.append(torch.stack([states[s] for s in times], dim=1))
     return torch.cat(states_by_frame, dim=2), torch.cat(done, dim=1)
-
-
-class _PrefixCache:
-    """Per-layer keys and values of the finished frames of a sequential ODE solve: recorded
-    by one forward over them (:meth:`recorder`), then attended to, with the solved frame's
-    own, by every Euler step's forward over that frame (:meth:`attend`)."""
-
-    def __init__(self) -> None:
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-
-    def recorder(self, allowed_L_L: Tensor) -> AttnFn:
-        def attn_fn(layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k[layer_idx], self.v[layer_idx] = k, v
-            return sdpa_attention(q, k, v, allowed_L_L)
-
-        return attn_fn
-
-    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if layer_idx in self.k:
-            k = torch.cat([self.k[layer_idx], k], dim=1)
-            v = torch.cat([self.v[layer_idx], v], dim=1)
-        return sdpa_attention(q, k, v, None)
 
 
 def ode_regression_loss(
