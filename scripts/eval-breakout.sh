@@ -29,6 +29,7 @@ for steps in 1 2 4; do
   add "causal-rcm-sf-dmd-$steps" "Causal-rCM + SF-DMD, $steps-step" "$runs/causal-rcm/sf-dmd/pipeline" --steps "$steps"
   add "causal-forcing-tf-dcm-$steps" "Causal Forcing (TF-dCM), $steps-step" "$runs/causal-forcing/tf-dcm/pipeline" --steps "$steps"
   add "causal-forcing-$steps" "Causal Forcing (TF-dCM + SF-DMD), $steps-step" "$runs/causal-forcing/sf-dmd/pipeline" --steps "$steps"
+  add "self-forcing-ode-init-$steps" "Self-Forcing (ODE init), $steps-step" "$runs/self-forcing/ode-init/pipeline" --steps "$steps"
   add "self-forcing-$steps" "Self-Forcing, $steps-step" "$runs/self-forcing/sf-dmd/pipeline" --steps "$steps"
   add "joint-rcm-$steps" "joint rCM, $steps-step" "$runs/joint-rcm/pipeline" --steps "$steps"
 done
